@@ -1,0 +1,194 @@
+"""An agent's emailed reply: authorisation, commands, internal notes and relay (B11-B16).
+
+A reply arrives on a tokened address (`help+<number>.<token>@...`). It is acted
+on only when the token is the HMAC for that ticket and the From address, the
+sender is an agent of the ticket's group or its owner, and the mail is not
+automatic. Everything else runs nothing and relays nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateway import commands
+from gateway.config import Settings
+from gateway.followup import Hooks, parse_reply_address, ticket_by_number, verify_token
+from gateway.mail.auto import AutoInfo
+from gateway.mail.quotes import strip_reply
+from gateway.message import Inbound, ParsedMail
+from gateway.notify import Notifier
+from gateway.store.models import Article, Event, MessageId, Participant, Ticket
+
+log = logging.getLogger(__name__)
+security = logging.getLogger("gateway.security")
+
+StoreArticle = Callable[..., Article]
+
+
+class AgentReplies:
+    def __init__(self, settings: Settings, notifier: Notifier, hooks: Hooks) -> None:
+        self.settings = settings
+        self.notifier = notifier
+        self.hooks = hooks
+        self.secret = settings.daemon.secret.get_secret_value().encode()
+
+    def handle(
+        self,
+        session: Session,
+        inbound: Inbound,
+        mail: ParsedMail,
+        token_address: str,
+        info: AutoInfo,
+        now: dt.datetime,
+        store_article: StoreArticle,
+    ) -> Any:
+        from gateway.pipeline import Disposition, Outcome, StageError
+
+        reply = parse_reply_address(token_address)
+        assert reply is not None
+        ticket = ticket_by_number(session, reply.number)
+        if ticket is None:
+            raise StageError("agent", "unknown-ticket",
+                             f"reply address names ticket {reply.number}, which does not exist")
+        sender = mail.sender.address if mail.sender else ""
+        agent = self.settings.agent(sender) if sender else None
+        valid = bool(sender) and verify_token(self.secret, ticket.number, sender, reply.token)
+        mid = mail.message_id
+
+        if agent is None or not valid:
+            # B16: nobody's command runs, nothing is relayed, no mail goes back.
+            why = "forged agent address (token not valid for sender)" if agent else (
+                "sender is not an agent" if sender else "no sender")
+            if agent is not None:
+                security.warning("ticket %s: reply with an invalid token from agent %s "
+                                 "(message %s): nothing executed", ticket.number, sender, mid)
+            store_article(session, ticket, inbound, mail, info, now,
+                          kind="internal", role="system")
+            session.add(Event(ticket=ticket, at=now, actor=sender or "unknown",
+                              kind="token-refused", data={"why": why, "message_id": mid}))
+            log.info("message %s: token mail for ticket %s kept as internal note: %s",
+                     mid, ticket.number, why)
+            return Disposition(Outcome.NOTE, ticket.number, mid, reason=why)
+
+        if info.is_automatic:
+            # An agent's out-of-office: stored (B17), never executed or relayed (B11).
+            store_article(session, ticket, inbound, mail, info, now,
+                          kind="public", role="agent")
+            log.info("message %s: automatic mail from agent %s stored on %s",
+                     mid, sender, ticket.number)
+            return Disposition(Outcome.NOTE, ticket.number, mid, reason="automatic")
+
+        if sender not in self.notifier.agents_of(ticket):
+            self._reject(session, ticket, sender, mid, now,
+                         [f"you are not an agent of {ticket.group!r} nor the owner of "
+                          f"{self.hooks.format(ticket.number)}"])
+            return Disposition(Outcome.REJECTED, ticket.number, mid, reason="not authorised")
+
+        block = commands.split_block(mail.text)
+        problems = commands.check(block.commands, self.settings)
+        if problems:
+            self._reject(session, ticket, sender, mid, now, problems)
+            return Disposition(Outcome.REJECTED, ticket.number, mid, reason="bad command")
+
+        internal = any(c.name == "note" for c in block.commands)
+        text = strip_reply(block.text, None if block.commands else mail.html).strip()
+        old_group = ticket.group
+        for cmd in block.commands:
+            self._apply(session, ticket, cmd, sender, now)
+
+        article: Article | None = None
+        if text:
+            article = store_article(session, ticket, inbound, mail, info, now,
+                                    kind="internal" if internal else "public",
+                                    role="agent", body=text)
+        elif mid:
+            session.add(MessageId(message_id=mid, ticket_id=ticket.id, direction="in",
+                                  created_at=now))
+        ticket.updated_at = now
+        if article is not None and not internal:
+            self._relay(session, ticket, article, agent.name, now)
+        if ticket.group != old_group:
+            self.notifier.notify_agents(session, ticket, self._last_customer(session, ticket),
+                                        "agent_group.txt", now, actor=sender)
+        log.info("message %s: agent %s on ticket %s: %d command(s), %s",
+                 mid, sender, ticket.number, len(block.commands),
+                 "no text" if article is None else article.kind)
+        return Disposition(Outcome.AGENT_REPLY, ticket.number, mid)
+
+    # -- steps ---------------------------------------------------------------------
+
+    def _reject(self, session: Session, ticket: Ticket, agent: str, mid: str | None,
+                now: dt.datetime, problems: list[str]) -> None:
+        """B13: one error mail, nothing executed; the Message-ID is kept for dedup only."""
+        if mid:
+            session.add(MessageId(message_id=mid, ticket_id=None, direction="rejected",
+                                  created_at=now))
+        session.add(Event(ticket=ticket, at=now, actor=agent, kind="reply-rejected",
+                          data={"problems": problems, "message_id": mid}))
+        self.notifier.command_error(session, ticket, agent, problems,
+                                    commands.valid_commands(), in_reply_to=mid, now=now)
+        log.info("message %s: reply from %s to ticket %s rejected: %s",
+                 mid, agent, ticket.number, "; ".join(problems))
+
+    def _apply(self, session: Session, ticket: Ticket, cmd: commands.Command,
+               agent: str, now: dt.datetime) -> None:
+        data: dict[str, Any] = {"command": cmd.line}
+        if cmd.name in ("close", "open", "pending"):
+            new = {"close": "closed", "open": "open", "pending": "pending"}[cmd.name]
+            data.update({"from": ticket.state, "to": new})
+            ticket.state = new
+            ticket.closed_at = now if new == "closed" else None
+            if cmd.name == "pending" and cmd.arg:
+                data["until"] = commands.parse_until(cmd.arg).isoformat()
+        elif cmd.name == "priority":
+            data.update({"from": ticket.priority, "to": cmd.arg.lower()})
+            ticket.priority = cmd.arg.lower()
+        elif cmd.name == "group":
+            data.update({"from": ticket.group, "to": cmd.arg})
+            ticket.group = cmd.arg
+        elif cmd.name == "assign":
+            owner = agent if cmd.arg.lower() == "me" else cmd.arg.lower()
+            data.update({"from": ticket.owner, "to": owner})
+            ticket.owner = owner
+        elif cmd.name == "cc":
+            address = cmd.arg.lower()
+            exists = session.scalar(select(Participant.id).where(
+                Participant.ticket_id == ticket.id, Participant.address == address))
+            if exists is None:
+                session.add(Participant(ticket_id=ticket.id, address=address, role="cc"))
+            data["address"] = address
+        session.add(Event(ticket=ticket, at=now, actor=agent, kind=f"command:{cmd.name}",
+                          data=data))
+
+    def _relay(self, session: Session, ticket: Ticket, article: Article, agent_name: str,
+               now: dt.datetime) -> None:
+        last = self._last_customer(session, ticket)
+        parts = session.execute(select(Participant.address, Participant.name).where(
+            Participant.ticket_id == ticket.id)).all()
+        refs = [m for m in [a.message_id for a in ticket.articles
+                            if a.direction == "in" and a.author_role == "customer"] if m]
+        self.notifier.relay(
+            session, ticket, article, agent_name=agent_name,
+            participants=[(a, n) for a, n in parts],
+            in_reply_to=last.message_id if last is not None else None,
+            references=refs[-10:], now=now,
+        )
+        if ticket.state == "new":
+            session.add(Event(ticket=ticket, at=now, actor="system", kind="state",
+                              data={"from": "new", "to": "open", "why": "first agent reply"}))
+            ticket.state = "open"
+        if ticket.first_response_at is None:
+            ticket.first_response_at = now
+
+    def _last_customer(self, session: Session, ticket: Ticket) -> Article | None:
+        return session.scalars(
+            select(Article).where(Article.ticket_id == ticket.id,
+                                  Article.author_role == "customer")
+            .order_by(Article.id.desc()).limit(1)
+        ).first()

@@ -1,0 +1,425 @@
+"""`helpdeskd` sub-commands: init, run, check, rules explain, tickets, quarantine, outbox.
+
+Every command takes `--config PATH` (default `$HELPDESKD_CONFIG` or
+`./helpdeskd.toml`; without either, the embedded demo defaults). Every `list`
+and `show` takes `--json` with the stable field names documented in the README.
+This is the only module that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from gateway.config import ConfigError, Settings, default_config_path, load_settings
+from gateway.routing import RuleError
+
+DEFAULTS = Path(__file__).resolve().parent / "defaults"
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    path = Path(args.config) if args.config else default_config_path()
+    if not path.exists() and not args.config and "HELPDESKD_CONFIG" not in _env():
+        # Embedded defaults: the shipped demo config, relative to the current directory.
+        settings = load_settings(DEFAULTS / "helpdeskd.toml")
+        return settings.model_copy(update={"base_dir": Path.cwd()})
+    return load_settings(path)
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def _app(args: argparse.Namespace) -> Any:
+    from gateway.daemon import App
+
+    return App(_load(args))
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False))
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    target = Path(args.directory)
+    target.mkdir(parents=True, exist_ok=True)
+    config = target / "helpdeskd.toml"
+    if config.exists() and not args.force:
+        print(f"{config} exists; use --force to overwrite", file=sys.stderr)
+        return 1
+    shutil.copyfile(DEFAULTS / "helpdeskd.toml", config)
+    rules = target / "rules"
+    rules.mkdir(exist_ok=True)
+    for f in sorted((DEFAULTS / "rules").glob("*.yaml")):
+        if not (rules / f.name).exists() or args.force:
+            shutil.copyfile(f, rules / f.name)
+    (target / "templates").mkdir(exist_ok=True)
+    settings = load_settings(config)
+    from gateway.daemon import App
+
+    App(settings).engine.dispose()
+    print(f"initialised {target}: {config}, {rules}/, database {settings.database_url}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.daemon import serve
+
+    settings = _load(args)
+    logging.basicConfig(
+        level=settings.daemon.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(settings))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.routing import load_rules
+
+    settings = _load(args)
+    rules = load_rules(settings.path(settings.daemon.rules_dir), settings.group_names)
+    print(f"configuration OK: {len(settings.inbound)} inbound address(es), "
+          f"{len(settings.groups)} group(s), {len(settings.agents)} agent(s), "
+          f"{len(rules.rules)} rule(s) from {len(rules.files)} file(s)")
+    return 0
+
+
+def cmd_rules_explain(args: argparse.Namespace) -> int:
+    from gateway.mail.parse import ParseError, parse_mail
+    from gateway.message import Channel, Inbound
+    from gateway.routing import RoutingFacts, load_rules
+
+    settings = _load(args)
+    rules = load_rules(settings.path(settings.daemon.rules_dir), settings.group_names)
+    raw = Path(args.file).read_bytes()
+    try:
+        mail = parse_mail(raw)
+    except ParseError as exc:
+        print(f"{args.file}: cannot be parsed: {exc.reason}: {exc.detail}", file=sys.stderr)
+        return 1
+    recipients = [a.address for a in (*mail.to, *mail.cc)]
+    inbound = next((i.address for i in settings.inbound
+                    if any(settings.inbound_for(r) is i for r in recipients)),
+                   settings.inbound[0].address if settings.inbound else None)
+    facts = RoutingFacts(
+        subject=mail.subject, sender=mail.sender.address if mail.sender else "",
+        to=tuple(a.address for a in mail.to), cc=tuple(a.address for a in mail.cc),
+        body=mail.text, headers=mail.headers, channel=Channel.EMAIL.value, inbound=inbound,
+    )
+    del Inbound
+    decision = rules.evaluate(facts)
+    group = decision.group
+    why = "set by a rule"
+    if group is None and inbound is not None:
+        configured = settings.inbound_for(inbound)
+        group = configured.default_group if configured else None
+        why = f"default group of {inbound}"
+    if args.json:
+        _print_json({
+            "subject": mail.subject, "inbound": inbound, "group": group,
+            "group_source": why, "drop": decision.drop, "drop_rule": decision.drop_rule,
+            "priority": decision.priority or "normal", "type": decision.type,
+            "tags": list(decision.tags),
+            "trail": [{"rule": e.rule, "source": e.source, "matched": e.matched,
+                       "detail": e.detail} for e in decision.trail],
+        })
+        return 0
+    print(f"subject:  {mail.subject}")
+    print(f"inbound:  {inbound}")
+    for e in decision.trail:
+        print(f"  {'HIT ' if e.matched else 'miss'} {e.rule} ({e.source}): {e.detail}")
+    if decision.drop:
+        print(f"result:   DROP (rule {decision.drop_rule})")
+    else:
+        print(f"result:   group {group} ({why}), priority {decision.priority or 'normal'}"
+              f"{', tags ' + ', '.join(decision.tags) if decision.tags else ''}")
+    return 0
+
+
+def _ticket_summary(t: Any, hooks: Any) -> dict[str, Any]:
+    return {
+        "number": t.number, "hook": hooks.format(t.number), "subject": t.subject,
+        "state": t.state, "priority": t.priority, "group": t.group, "owner": t.owner,
+        "customer": t.customer, "channel": t.channel, "tags": list(t.tags or []),
+        "created_at": _iso(t.created_at), "updated_at": _iso(t.updated_at),
+    }
+
+
+def cmd_tickets_list(args: argparse.Namespace) -> int:
+    from gateway.store.models import Ticket
+
+    app = _app(args)
+    with app.sessions() as s:
+        q = select(Ticket).order_by(Ticket.id)
+        if args.state:
+            q = q.where(Ticket.state == args.state)
+        if args.group:
+            q = q.where(Ticket.group == args.group)
+        rows = [_ticket_summary(t, app.hooks) for t in s.scalars(q)]
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['hook']:<24} {r['state']:<8} {r['priority']:<7} {r['group']:<20} "
+                  f"{r['customer']:<30} {r['subject']}")
+        print(f"{len(rows)} ticket(s)")
+    return 0
+
+
+def ticket_detail(app: Any, number: str) -> dict[str, Any] | None:
+    """The full JSON view of one ticket (also used by tests and the API)."""
+    from gateway.store.models import Article, Ticket
+
+    with app.sessions() as s:
+        t = s.scalars(
+            select(Ticket).where(Ticket.number == number).options(
+                selectinload(Ticket.articles).selectinload(Article.attachments),
+                selectinload(Ticket.participants), selectinload(Ticket.events))
+        ).first()
+        if t is None:
+            return None
+        linked = s.get(Ticket, t.linked_ticket_id) if t.linked_ticket_id else None
+        data = _ticket_summary(t, app.hooks)
+        data.update({
+            "customer_name": t.customer_name, "inbound_address": t.inbound_address,
+            "type": t.type, "escalation_level": t.escalation_level,
+            "linked_ticket": linked.number if linked else None,
+            "first_response_at": _iso(t.first_response_at), "closed_at": _iso(t.closed_at),
+            "deadlines": {
+                "first_response_due": _iso(t.first_response_due),
+                "update_due": _iso(t.update_due), "solution_due": _iso(t.solution_due),
+                "next_escalation_at": _iso(t.next_escalation_at),
+            },
+            "participants": [{"address": p.address, "name": p.name, "role": p.role,
+                              "bouncing": p.bouncing} for p in t.participants],
+            "articles": [{
+                "id": a.id, "kind": a.kind, "direction": a.direction, "channel": a.channel,
+                "author_role": a.author_role, "sender": a.sender, "sender_name": a.sender_name,
+                "subject": a.subject, "body": a.body, "message_id": a.message_id,
+                "automatic": a.automatic, "created_at": _iso(a.created_at),
+                "attachments": [{"filename": x.filename, "content_type": x.content_type,
+                                 "size": x.size, "sha256": x.sha256} for x in a.attachments],
+            } for a in t.articles],
+            "events": [{"at": _iso(e.at), "actor": e.actor, "kind": e.kind, "data": e.data}
+                       for e in t.events],
+        })
+        return data
+
+
+def cmd_tickets_show(args: argparse.Namespace) -> int:
+    app = _app(args)
+    number = args.number.strip("[]").removeprefix(app.settings.daemon.ticket_hook)
+    data = ticket_detail(app, number)
+    if data is None:
+        print(f"no ticket {args.number}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"{data['hook']} {data['subject']}")
+    print(f"  state {data['state']}, priority {data['priority']}, group {data['group']}, "
+          f"owner {data['owner'] or '-'}, channel {data['channel']}")
+    print(f"  customer {data['customer']}; created {data['created_at']}")
+    if data["linked_ticket"]:
+        print(f"  linked to {data['linked_ticket']}")
+    for k, v in data["deadlines"].items():
+        if v:
+            print(f"  {k}: {v}")
+    print("participants:")
+    for p in data["participants"]:
+        bounce = f" (bouncing: {p['bouncing']})" if p["bouncing"] else ""
+        print(f"  {p['role']:<8} {p['address']}{bounce}")
+    print("articles:")
+    for a in data["articles"]:
+        print(f"--- #{a['id']} {a['kind']} {a['direction']} from {a['sender']} "
+              f"({a['author_role']}) {a['created_at']}")
+        for x in a["attachments"]:
+            print(f"    [attachment] {x['filename']} {x['content_type']} {x['size']} bytes")
+        print("    " + a["body"].strip().replace("\n", "\n    "))
+    print("events:")
+    for e in data["events"]:
+        print(f"  {e['at']} {e['actor']} {e['kind']} {json.dumps(e['data'], ensure_ascii=False)}")
+    return 0
+
+
+def _quarantine_row(q: Any) -> dict[str, Any]:
+    return {"id": q.id, "received_at": _iso(q.received_at), "channel": q.channel,
+            "source": q.source, "stage": q.stage, "reason": q.reason, "detail": q.detail,
+            "message_id": q.message_id, "mail_from": q.mail_from, "rcpt_tos": q.rcpt_tos,
+            "state": q.state, "size": len(q.raw)}
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from gateway.message import Channel, Inbound
+    from gateway.store.models import QuarantineRow
+
+    app = _app(args)
+    if args.action == "list":
+        with app.sessions() as s:
+            rows = [_quarantine_row(q) for q in s.scalars(
+                select(QuarantineRow).order_by(QuarantineRow.id))]
+        if args.json:
+            _print_json(rows)
+        else:
+            for r in rows:
+                print(f"{r['id']:>5} {r['received_at']} {r['state']:<7} {r['stage']}: "
+                      f"{r['reason']} ({r['source']}, {r['size']} bytes)")
+            print(f"{len(rows)} message(s)")
+        return 0
+    if args.id is None:
+        print(f"quarantine {args.action} needs an ID", file=sys.stderr)
+        return 2
+    with app.sessions() as s:
+        q = s.get(QuarantineRow, args.id)
+        if q is None:
+            print(f"no quarantined message {args.id}", file=sys.stderr)
+            return 1
+        data = _quarantine_row(q)
+        raw = q.raw
+        inbound = Inbound(channel=Channel(q.channel), raw=q.raw, received_at=q.received_at,
+                          source=f"quarantine:{q.id}", mail_from=q.mail_from,
+                          rcpt_tos=tuple(q.rcpt_tos), channel_message_id=q.channel_message_id)
+    if args.action == "show":
+        if args.json:
+            data["raw"] = raw.decode("utf-8", "replace")
+            _print_json(data)
+        else:
+            for k, v in data.items():
+                print(f"{k}: {v}")
+            print()
+            sys.stdout.write(raw.decode("utf-8", "replace"))
+        return 0
+    # retry: run the message through the pipeline again; the old row is marked retried.
+    result = app.intake.ingest_now(inbound)
+    with app.sessions() as s, s.begin():
+        row = s.get(QuarantineRow, args.id)
+        if row is not None:
+            row.state = "retried"
+    out = {"id": args.id, "outcome": result.outcome.value, "ticket": result.ticket,
+           "reason": result.reason}
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"quarantine {args.id}: {result.outcome.value}"
+              f"{' ticket ' + result.ticket if result.ticket else ''}"
+              f"{' (' + result.reason + ')' if result.reason else ''}")
+    return 0 if result.outcome.value != "quarantined" else 1
+
+
+def cmd_outbox_list(args: argparse.Namespace) -> int:
+    from gateway.store.models import OutboxRow, Ticket
+
+    app = _app(args)
+    with app.sessions() as s:
+        q = select(OutboxRow, Ticket.number).outerjoin(
+            Ticket, Ticket.id == OutboxRow.ticket_id).order_by(OutboxRow.id)
+        if args.state:
+            q = q.where(OutboxRow.state == args.state)
+        rows = [{
+            "id": o.id, "ticket": number, "channel": o.channel, "kind": o.kind,
+            "recipient": o.to_address, "recipients": o.recipients, "state": o.state,
+            "attempts": o.attempts, "next_attempt_at": _iso(o.next_attempt_at),
+            "last_error": o.last_error, "message_id": o.message_id,
+            "created_at": _iso(o.created_at), "sent_at": _iso(o.sent_at),
+        } for o, number in s.execute(q)]
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['id']:>6} {r['state']:<7} {r['channel']:<8} {r['kind']:<8} "
+                  f"{r['ticket'] or '-':<15} {r['recipient']}"
+                  f"{'  ' + r['last_error'] if r['last_error'] else ''}")
+        print(f"{len(rows)} row(s)")
+    return 0
+
+
+# -- argument parsing -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH",
+                        help="configuration file (default: $HELPDESKD_CONFIG or ./helpdeskd.toml)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = argparse.ArgumentParser(prog="helpdeskd", parents=[common],
+                                description="Email-and-chat ticketing gateway daemon.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", parents=[common], help="write a working config, rules, database")
+    s.add_argument("directory", nargs="?", default=".")
+    s.add_argument("--force", action="store_true", help="overwrite existing files")
+    s.set_defaults(func=cmd_init)
+
+    sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(func=cmd_run)
+    sub.add_parser("check", parents=[common], help="validate config and rules").set_defaults(
+        func=cmd_check)
+
+    rules = sub.add_parser("rules", help="routing rules").add_subparsers(dest="rules_cmd",
+                                                                          required=True)
+    s = rules.add_parser("explain", parents=[common, as_json],
+                         help="which rule matches FILE.eml and why")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_rules_explain)
+
+    tickets = sub.add_parser("tickets", help="tickets").add_subparsers(dest="tickets_cmd",
+                                                                        required=True)
+    s = tickets.add_parser("list", parents=[common, as_json], help="all tickets")
+    s.add_argument("--state")
+    s.add_argument("--group")
+    s.set_defaults(func=cmd_tickets_list)
+    s = tickets.add_parser("show", parents=[common, as_json], help="one ticket in full")
+    s.add_argument("number")
+    s.set_defaults(func=cmd_tickets_show)
+
+    s = sub.add_parser("quarantine", parents=[common, as_json],
+                       help="messages that could not be processed")
+    s.add_argument("action", choices=["list", "show", "retry"])
+    s.add_argument("id", nargs="?", type=int)
+    s.set_defaults(func=cmd_quarantine)
+
+    outbox = sub.add_parser("outbox", help="outgoing messages").add_subparsers(
+        dest="outbox_cmd", required=True)
+    s = outbox.add_parser("list", parents=[common, as_json], help="every outbox row")
+    s.add_argument("--state", choices=["pending", "sent", "held", "dead"])
+    s.set_defaults(func=cmd_outbox_list)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except RuleError as exc:
+        print(f"rules: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

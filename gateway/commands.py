@@ -1,0 +1,112 @@
+"""The command block at the top of an agent's reply (B12) and its validation (B13).
+
+Leading blank lines are skipped; then each consecutive line starting with `#`
+and a letter is a command; the first other line ends the block; one blank line
+after it is dropped; the rest is the reply. Names are case-insensitive. This
+module only reads and checks; executing is the agent module's job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+
+from email_validator import EmailNotValidError, validate_email
+
+from gateway.config import Settings
+
+COMMAND_LINE = re.compile(r"^#(?P<name>[A-Za-z][A-Za-z_-]*)(?:[ \t]+(?P<arg>.*))?$")
+
+# name -> (argument help, short description): the list an error mail shows.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "close": ("", "close the ticket"),
+    "open": ("", "reopen the ticket"),
+    "pending": ("[YYYY-MM-DD [HH:MM]]", "wait for the customer (optionally until a time)"),
+    "priority": ("low|normal|high", "set the priority"),
+    "group": ("<group name>", "move the ticket to another group"),
+    "assign": ("me|<agent address>", "set the owner"),
+    "note": ("", "keep this reply internal: nothing is sent to the customer"),
+    "cc": ("<address>", "add a participant who receives replies"),
+}
+PRIORITIES = ("low", "normal", "high")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    arg: str
+    line: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandBlock:
+    commands: tuple[Command, ...]
+    text: str
+
+
+def split_block(body: str) -> CommandBlock:
+    """Separate the leading command lines from the reply text (B12)."""
+    lines = body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    i = 0
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    commands: list[Command] = []
+    while i < len(lines):
+        m = COMMAND_LINE.match(lines[i].strip())
+        if m is None:
+            break
+        commands.append(Command(m["name"].lower(), (m["arg"] or "").strip(), lines[i].strip()))
+        i += 1
+    if commands and i < len(lines) and not lines[i].strip():
+        i += 1
+    return CommandBlock(tuple(commands), "\n".join(lines[i:]) if commands else body)
+
+
+def valid_commands() -> list[str]:
+    return [f"#{name} {arg}".rstrip() + f"  - {desc}" for name, (arg, desc) in COMMANDS.items()]
+
+
+def parse_until(arg: str) -> dt.datetime | None:
+    """`#pending` argument: a date or date and time (UTC), or None when absent."""
+    for fmt in ("%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
+        try:
+            return dt.datetime.strptime(arg, fmt).replace(tzinfo=dt.UTC)
+        except ValueError:
+            continue
+    raise ValueError(f"not a date: {arg!r} (use YYYY-MM-DD or YYYY-MM-DD HH:MM)")
+
+
+def check(commands: tuple[Command, ...], settings: Settings) -> list[str]:
+    """Every problem in the block, one line each; empty means all commands are valid."""
+    problems: list[str] = []
+    for cmd in commands:
+        problem = _check_one(cmd, settings)
+        if problem:
+            problems.append(f"{cmd.line}: {problem}")
+    return problems
+
+
+def _check_one(cmd: Command, settings: Settings) -> str | None:
+    if cmd.name not in COMMANDS:
+        return "unknown command"
+    if cmd.name in ("close", "open", "note") and cmd.arg:
+        return f"#{cmd.name} takes no argument"
+    if cmd.name == "pending" and cmd.arg:
+        try:
+            parse_until(cmd.arg)
+        except ValueError as exc:
+            return str(exc)
+    if cmd.name == "priority" and cmd.arg.lower() not in PRIORITIES:
+        return f"priority must be one of {', '.join(PRIORITIES)}"
+    if cmd.name == "group" and cmd.arg not in settings.group_names:
+        names = ", ".join(sorted(settings.group_names))
+        return f"no group named {cmd.arg!r} (groups: {names})"
+    if cmd.name == "assign" and cmd.arg.lower() != "me" and settings.agent(cmd.arg) is None:
+        return f"{cmd.arg!r} is not an agent"
+    if cmd.name == "cc":
+        try:
+            validate_email(cmd.arg, check_deliverability=False)
+        except EmailNotValidError as exc:
+            return f"not an email address: {exc}"
+    return None

@@ -1,0 +1,136 @@
+"""Supervisor: builds the parts from settings, starts and stops channels and workers.
+
+`App` is the wiring, shared by the daemon and the CLI. `serve()` is `helpdeskd
+run`: it starts the enabled channels, the intake writer, the outbox worker and
+the rules watcher, reloads rules on SIGHUP, and on SIGTERM/SIGINT stops
+accepting, finishes in-flight messages and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from gateway.channels import Channel
+from gateway.channels.smtp import SmtpChannel
+from gateway.config import Settings
+from gateway.followup import Hooks
+from gateway.intake import Intake, utcnow
+from gateway.mail.transport import Transport, make_transport
+from gateway.message import Inbound
+from gateway.notify import Notifier, Templates
+from gateway.outbox import EmailSender, OutboxWorker, Sender
+from gateway.pipeline import Disposition, Outcome, Pipeline
+from gateway.routing import RuleReloader
+from gateway.store.db import make_engine, make_sessionmaker, migrate
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    """Every long-lived part of helpdeskd, wired from one Settings object."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], Any] = utcnow,
+        transport: Transport | None = None,
+        migrate_schema: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.engine = make_engine(settings.database_url)
+        if migrate_schema:
+            migrate(self.engine)
+        self.sessions = make_sessionmaker(self.engine)
+        self.hooks = Hooks(settings.daemon.ticket_hook)
+        override = settings.daemon.templates_dir
+        self.templates = Templates(settings.path(override) if override else None)
+        self.notifier = Notifier(settings, self.templates, self.hooks)
+        self.rules = RuleReloader(settings.path(settings.daemon.rules_dir), settings.group_names)
+        self.pipeline = Pipeline(settings, self.rules, self.notifier, self.hooks)
+        self.intake = Intake(self.pipeline, self.sessions, clock=clock,
+                             on_commit=self._after_commit)
+        self._transport = transport
+        self.senders: dict[str, Sender] = {}
+        self.outbox: OutboxWorker | None = None
+        self.channels: list[Channel] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        transport = self._transport or make_transport(self.settings.outbound,
+                                                      self.settings.base_dir)
+        self._transport = transport
+        self.senders["email"] = EmailSender(transport)
+        self.outbox = OutboxWorker(self.sessions, self.senders, self.settings.outbound,
+                                   self.clock)
+        self.intake.start()
+        if self.settings.smtp.enabled:
+            self.channels.append(SmtpChannel(self.settings, self.submit))
+        for channel in self.channels:
+            await channel.start()
+        self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
+        self._tasks.append(asyncio.create_task(self.rules.watch(), name="rules:watch"))
+
+    async def stop(self) -> None:
+        for channel in reversed(self.channels):
+            await channel.stop()
+        await self.intake.stop()
+        if self.outbox is not None:
+            # One last pass so what was just committed is not left waiting for a restart.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.outbox.drain(), timeout=10)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._transport is not None:
+            await self._transport.close()
+        self.engine.dispose()
+
+    async def submit(self, inbound: Inbound) -> Disposition:
+        result = await self.intake.submit(inbound)
+        log.info("%s: message %s -> %s%s%s", inbound.source, result.message_id or "-",
+                 result.outcome.value, f" ticket {result.ticket}" if result.ticket else "",
+                 f" ({result.reason})" if result.reason else "")
+        return result
+
+    def _after_commit(self, results: list[Disposition]) -> None:
+        # Called on the intake thread right after a commit: new outbox rows may wait.
+        if self.outbox is not None and any(r.outcome != Outcome.DUPLICATE for r in results):
+            self.outbox.wake()
+
+
+async def serve(settings: Settings) -> None:
+    """`helpdeskd run`: run until SIGTERM or SIGINT."""
+    app = App(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.rules.reload)
+    await app.start()
+    log.info("helpdeskd: running (%s)", _redacted(settings.database_url))
+    await stop.wait()
+    log.info("helpdeskd: stopping")
+    await app.stop()
+    log.info("helpdeskd: stopped")
+
+
+def _redacted(url: str) -> str:
+    """A database URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url

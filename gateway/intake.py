@@ -1,0 +1,162 @@
+"""Intake: the one writer that turns submitted messages into committed dispositions.
+
+Channels `await intake.submit(inbound)` and acknowledge to their source only
+when it returns: by then the message's ticket changes, outbox rows and
+deadlines are committed. Work runs on one dedicated thread, off the event loop.
+Under a burst it takes every waiting message into one transaction with a
+savepoint per message (group commit): one fsync acknowledges many messages,
+and a message that fails rolls back only its own savepoint and is quarantined
+instead. If the commit itself fails, every message of the batch gets
+`StoreUnavailable`, so SMTP answers 451 and the sender retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.message import Inbound
+from gateway.pipeline import Disposition, Outcome, Pipeline, StageError, quarantine
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], dt.datetime]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class StoreUnavailable(Exception):
+    """The batch could not be committed; nothing of it is stored."""
+
+
+@dataclass(slots=True)
+class _Job:
+    inbound: Inbound
+    future: asyncio.Future[Disposition]
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()
+
+
+class Intake:
+    """Serialised, batched ingest on a worker thread."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        sessions: sessionmaker[Session],
+        *,
+        batch_max: int = 64,
+        clock: Clock = utcnow,
+        on_commit: Callable[[list[Disposition]], None] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.sessions = sessions
+        self.batch_max = batch_max
+        self.clock = clock
+        self.on_commit = on_commit
+        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="intake-writer", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Finish every submitted message, then stop the writer thread."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    async def submit(self, inbound: Inbound) -> Disposition:
+        if self._thread is None:
+            raise StoreUnavailable("intake is not running")
+        loop = asyncio.get_running_loop()
+        job = _Job(inbound, loop.create_future(), loop)
+        self._queue.put(job)
+        return await job.future
+
+    def ingest_now(self, inbound: Inbound) -> Disposition:
+        """Synchronous ingest of one message (CLI `quarantine retry`, tests)."""
+        return self._process_batch([inbound])[0]
+
+    # -- worker thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            jobs = [first]
+            stop = False
+            while len(jobs) < self.batch_max:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                jobs.append(nxt)
+            self._run_batch([j for j in jobs if isinstance(j, _Job)])
+            if stop:
+                return
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        try:
+            results: list[Disposition] | BaseException = self._process_batch(
+                [j.inbound for j in jobs]
+            )
+        except Exception as exc:
+            log.error("store: batch of %d message(s) not committed: %s", len(jobs), exc)
+            results = StoreUnavailable(str(exc))
+        for i, job in enumerate(jobs):
+            job.loop.call_soon_threadsafe(_resolve, job.future, results, i)
+
+    def _process_batch(self, inbounds: list[Inbound]) -> list[Disposition]:
+        results: list[Disposition] = []
+        now = self.clock()
+        with self.sessions() as session, session.begin():
+            for inbound in inbounds:
+                results.append(self._one(session, inbound, now))
+        if self.on_commit is not None:
+            self.on_commit(results)
+        return results
+
+    def _one(self, session: Session, inbound: Inbound, now: dt.datetime) -> Disposition:
+        try:
+            with session.begin_nested():
+                return self.pipeline.ingest(session, inbound, now)
+        except StageError as exc:
+            error = exc
+        except Exception as exc:  # a bug must not lose the message
+            log.exception("pipeline bug on message from %s", inbound.source)
+            error = StageError("pipeline", type(exc).__name__, str(exc)[:2000])
+        with session.begin_nested():
+            row = quarantine(session, inbound, error, now)
+        log.warning("message from %s quarantined as #%d: %s: %s", inbound.source, row.id,
+                    error.stage, error.reason)
+        return Disposition(Outcome.QUARANTINED, reason=f"{error.stage}: {error.reason}")
+
+
+def _resolve(
+    future: asyncio.Future[Disposition], results: list[Disposition] | BaseException, i: int
+) -> None:
+    if future.done():
+        return
+    if isinstance(results, BaseException):
+        future.set_exception(results)
+    else:
+        future.set_result(results[i])

@@ -1,0 +1,288 @@
+"""Who is told what: templates -> Outbound -> outbox rows, inside the caller's transaction.
+
+Every message the daemon writes is composed here and stored as an outbox row in
+the same transaction as the ticket change that caused it, together with its
+Message-ID (so replies to it thread back, B8). Mail the daemon writes by itself
+(acknowledgements, error mails) is capped per address and hour; a person's words
+(a relayed agent reply) never are.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from gateway.config import Settings
+from gateway.followup import Hooks, make_token, reply_address
+from gateway.mail.compose import compose, make_message_id
+from gateway.message import Address, Outbound
+from gateway.store.models import Article, Event, MessageId, OutboxRow, Ticket
+
+log = logging.getLogger(__name__)
+
+PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+class Templates:
+    """Jinja2 templates: a configured override directory first, then the shipped ones."""
+
+    def __init__(self, override: Path | None = None) -> None:
+        paths = [str(override)] if override is not None else []
+        paths.append(str(PACKAGE_TEMPLATES))
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(paths),
+            # HTML templates escape everything they interpolate; text templates stay plain.
+            autoescape=jinja2.select_autoescape(["html", "htm"], default=False),
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=True,
+        )
+
+    def render(self, name: str, **context: Any) -> str:
+        return self.env.get_template(name).render(**context)
+
+
+class Notifier:
+    """Builds the daemon's messages and writes them to the outbox."""
+
+    def __init__(self, settings: Settings, templates: Templates, hooks: Hooks) -> None:
+        self.settings = settings
+        self.templates = templates
+        self.hooks = hooks
+        self.secret = settings.daemon.secret.get_secret_value().encode()
+        self.domain = settings.daemon.message_id_domain
+        self.loop_value = f"helpdeskd@{self.domain}"
+        self.helpdesk = settings.daemon.name
+        self._own = frozenset(i.address for i in settings.inbound)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def is_own(self, address: str) -> bool:
+        """True for the daemon's own addresses (and their sub-addresses): never mailed."""
+        return self.settings.inbound_for(address) is not None
+
+    def _sender(self, ticket: Ticket, display: str | None = None) -> Address:
+        inbound = self.settings.inbound_for(ticket.inbound_address)
+        name = display if display is not None else (inbound.name if inbound else "")
+        return Address(ticket.inbound_address, name or self.helpdesk)
+
+    def _rate_limited(self, session: Session, address: str, now: dt.datetime) -> bool:
+        limit = self.settings.outbound.auto_mail_per_hour
+        since = now - dt.timedelta(hours=1)
+        count = session.scalar(
+            select(func.count(OutboxRow.id)).where(
+                OutboxRow.to_address == address,
+                OutboxRow.automatic.is_(True),
+                OutboxRow.created_at > since,
+            )
+        )
+        return (count or 0) >= limit
+
+    def enqueue(
+        self,
+        session: Session,
+        ticket: Ticket | None,
+        kind: str,
+        out: Outbound,
+        *,
+        now: dt.datetime,
+        automatic: bool,
+    ) -> OutboxRow | None:
+        """Compose `out` and store it for delivery; None when nothing is left to send."""
+        to = tuple(a for a in out.to if not self.is_own(a.address))
+        cc = tuple(a for a in out.cc if not self.is_own(a.address) and a not in to)
+        if not to:
+            log.info("ticket %s: %s mail has no recipient left", _num(ticket), kind)
+            return None
+        if automatic and self._rate_limited(session, to[0].address, now):
+            log.warning(
+                "ticket %s: %s mail to %s suppressed by the hourly rate limit",
+                _num(ticket), kind, to[0].address,
+            )
+            if ticket is not None:
+                session.add(_event(ticket, now, "system", "mail-suppressed",
+                                   {"kind": kind, "to": to[0].address}))
+            return None
+        out = Outbound(
+            sender=out.sender, to=to, cc=cc, subject=out.subject, text=out.text,
+            reply_to=out.reply_to, html=out.html, in_reply_to=out.in_reply_to,
+            references=out.references, auto_submitted=out.auto_submitted,
+            attachments=out.attachments, extra_headers=out.extra_headers,
+        )
+        message_id = make_message_id(self.domain)
+        raw = compose(out, message_id=message_id, date=now, loop_value=self.loop_value)
+        row = OutboxRow(
+            ticket_id=ticket.id if ticket is not None else None,
+            channel="email",
+            kind=kind,
+            to_address=to[0].address,
+            recipients=[a.address for a in (*to, *cc)],
+            envelope_from=out.sender.address,
+            message_id=message_id,
+            raw=raw,
+            state="pending",
+            automatic=automatic,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+        session.add(row)
+        if ticket is not None:
+            session.add(MessageId(message_id=message_id, ticket_id=ticket.id,
+                                  direction="out", created_at=now))
+        return row
+
+    # -- the messages --------------------------------------------------------------
+
+    def acknowledge(
+        self, session: Session, ticket: Ticket, article: Article, now: dt.datetime
+    ) -> OutboxRow | None:
+        """B6: one acknowledgement to the customer, from the address they wrote to."""
+        text = self.templates.render(
+            "ack.txt", ticket=ticket, hook=self.hooks.format(ticket.number),
+            helpdesk=self.helpdesk, group=ticket.group, customer_name=ticket.customer_name,
+        )
+        out = Outbound(
+            sender=self._sender(ticket),
+            to=(Address(ticket.customer, ticket.customer_name),),
+            subject=self.hooks.subject(ticket.number, ticket.subject),
+            text=text,
+            in_reply_to=article.message_id,
+            references=(article.message_id,) if article.message_id else (),
+            auto_submitted="auto-replied",
+        )
+        return self.enqueue(session, ticket, "ack", out, now=now, automatic=True)
+
+    def agents_of(self, ticket: Ticket) -> list[str]:
+        group = self.settings.group(ticket.group)
+        agents = list(group.agents) if group else []
+        if ticket.owner and ticket.owner not in agents:
+            agents.append(ticket.owner)
+        return agents
+
+    def notify_agents(
+        self,
+        session: Session,
+        ticket: Ticket,
+        article: Article | None,
+        template: str,
+        now: dt.datetime,
+        *,
+        agents: Iterable[str] | None = None,
+        **context: Any,
+    ) -> list[OutboxRow]:
+        """B7: one notification per agent, each with its own tokened Reply-To."""
+        rows: list[OutboxRow] = []
+        names = [a.filename for a in article.attachments] if article is not None else []
+        hook = self.hooks.format(ticket.number)
+        text = self.templates.render(
+            template, ticket=ticket, article=article, hook=hook, attachments=names,
+            helpdesk=self.helpdesk, **context,
+        )
+        refs = _refs(article)
+        for agent in agents if agents is not None else self.agents_of(ticket):
+            settings = self.settings.agent(agent)
+            token = make_token(self.secret, ticket.number, agent)
+            out = Outbound(
+                sender=self._sender(ticket),
+                to=(Address(agent, settings.name if settings else ""),),
+                subject=self.hooks.subject(ticket.number, ticket.subject),
+                text=text,
+                reply_to=Address(reply_address(ticket.inbound_address, ticket.number, token),
+                                 self.helpdesk),
+                in_reply_to=refs[-1] if refs else None,
+                references=refs,
+                auto_submitted="auto-generated",
+            )
+            row = self.enqueue(session, ticket, "notify", out, now=now, automatic=False)
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    def relay(
+        self,
+        session: Session,
+        ticket: Ticket,
+        article: Article,
+        *,
+        agent_name: str,
+        participants: Sequence[tuple[str, str]],
+        in_reply_to: str | None,
+        references: Sequence[str],
+        now: dt.datetime,
+    ) -> OutboxRow | None:
+        """B14: an agent's words to the customer, from the inbound address, no token."""
+        text = self.templates.render(
+            "relay.txt", text=article.body, agent_name=agent_name, helpdesk=self.helpdesk,
+            hook=self.hooks.format(ticket.number),
+        )
+        display = f"{agent_name} via {self.helpdesk}" if agent_name else self.helpdesk
+        customer = Address(ticket.customer, ticket.customer_name)
+        cc = tuple(Address(a, n) for a, n in participants if a != ticket.customer)
+        out = Outbound(
+            sender=self._sender(ticket, display),
+            to=(customer,),
+            cc=cc,
+            subject=self.hooks.subject(ticket.number, ticket.subject, prefix="Re: "),
+            text=text,
+            in_reply_to=in_reply_to,
+            references=tuple(references),
+            attachments=tuple(_attachment(a) for a in article.attachments),
+        )
+        return self.enqueue(session, ticket, "relay", out, now=now, automatic=False)
+
+    def command_error(
+        self,
+        session: Session,
+        ticket: Ticket,
+        agent: str,
+        problems: Sequence[str],
+        valid: Sequence[str],
+        *,
+        in_reply_to: str | None,
+        now: dt.datetime,
+    ) -> OutboxRow | None:
+        """B13/B16: one error mail to the agent; nothing else happened."""
+        text = self.templates.render(
+            "command_error.txt", hook=self.hooks.format(ticket.number), problems=problems,
+            valid=valid, helpdesk=self.helpdesk,
+        )
+        settings = self.settings.agent(agent)
+        out = Outbound(
+            sender=self._sender(ticket),
+            to=(Address(agent, settings.name if settings else ""),),
+            subject=self.hooks.subject(ticket.number, ticket.subject,
+                                       prefix="Not applied: "),
+            text=text,
+            in_reply_to=in_reply_to,
+            references=(in_reply_to,) if in_reply_to else (),
+            auto_submitted="auto-replied",
+        )
+        return self.enqueue(session, ticket, "error", out, now=now, automatic=True)
+
+
+def _refs(article: Article | None) -> tuple[str, ...]:
+    if article is None or not article.message_id:
+        return ()
+    return (article.message_id,)
+
+
+def _attachment(att: Any) -> Any:
+    from gateway.message import Attachment
+
+    return Attachment(att.filename, att.content_type, att.blob.data)
+
+
+def _num(ticket: Ticket | None) -> str:
+    return ticket.number if ticket is not None else "-"
+
+
+def _event(ticket: Ticket, now: dt.datetime, actor: str, kind: str,
+           data: dict[str, Any]) -> Event:
+    return Event(ticket=ticket, at=now, actor=actor, kind=kind, data=data)

@@ -1,0 +1,211 @@
+"""Durable delivery: the worker that sends outbox rows, with retries and a dead state.
+
+Rows are written by the pipeline in the transaction that caused them. The worker
+claims due rows (a lease: `next_attempt_at` moves into the future, and on
+PostgreSQL `FOR UPDATE SKIP LOCKED` keeps two daemons off the same row), hands
+each to its channel's sender, and records the result: `sent`; back to `pending`
+with exponential backoff and jitter after a temporary failure; `dead` after a
+permanent failure or `max_attempts`. Rows whose channel has no sender are `held`
+until one is configured. Delivery is at-least-once: a crash between a send and
+its bookkeeping resends after the lease, with the same Message-ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.config import OutboundSettings
+from gateway.mail.transport import DeliveryError, Transport
+from gateway.store.models import OutboxRow
+
+log = logging.getLogger(__name__)
+
+LEASE = dt.timedelta(minutes=5)
+BATCH = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A claimed outbox row, detached from the session."""
+
+    id: int
+    ticket_id: int | None
+    channel: str
+    kind: str
+    recipients: tuple[str, ...]
+    envelope_from: str
+    message_id: str | None
+    raw: bytes | None
+    payload: dict[str, Any] | None
+    attempts: int
+
+
+class Sender(Protocol):
+    """Delivers one row on its channel; raises DeliveryError on failure."""
+
+    async def deliver(self, item: Delivery) -> None: ...
+
+
+class EmailSender:
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    async def deliver(self, item: Delivery) -> None:
+        assert item.raw is not None
+        await self.transport.send(item.raw, item.envelope_from, item.recipients)
+
+
+def backoff(settings: OutboundSettings, attempts: int) -> dt.timedelta:
+    """Exponential backoff with +-20% jitter, capped."""
+    base = min(settings.backoff_seconds * 2 ** max(attempts - 1, 0), settings.backoff_max_seconds)
+    return dt.timedelta(seconds=base * random.uniform(0.8, 1.2))
+
+
+class OutboxWorker:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        senders: dict[str, Sender],
+        settings: OutboundSettings,
+        clock: Callable[[], dt.datetime],
+        *,
+        on_failure: Callable[[Delivery, str, bool], None] | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.senders = senders
+        self.settings = settings
+        self.clock = clock
+        self.on_failure = on_failure
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def wake(self) -> None:
+        """Thread-safe: there may be new rows to send."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            try:
+                await self.drain()
+                delay = await asyncio.to_thread(self._seconds_to_next_due)
+            except Exception:
+                log.exception("outbox: worker iteration failed; retrying in 5 s")
+                delay = 5.0
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    async def drain(self) -> int:
+        """Deliver every row that is due now; returns how many were attempted."""
+        total = 0
+        while True:
+            items = await asyncio.to_thread(self._claim)
+            if not items:
+                return total
+            total += len(items)
+            results = await asyncio.gather(*(self._deliver(i) for i in items))
+            await asyncio.to_thread(self._record, list(zip(items, results, strict=True)))
+
+    async def _deliver(self, item: Delivery) -> DeliveryError | str | None:
+        sender = self.senders.get(item.channel)
+        if sender is None:
+            return "held"
+        try:
+            await sender.deliver(item)
+        except DeliveryError as exc:
+            return exc
+        except Exception as exc:  # a bug in a sender is a temporary failure, not a crash
+            log.exception("outbox: row %d: sender failed", item.id)
+            return DeliveryError(f"{type(exc).__name__}: {exc}", permanent=False)
+        return None
+
+    # -- database (worker threads) -------------------------------------------------
+
+    def _claim(self) -> list[Delivery]:
+        now = self.clock()
+        with self.sessions() as session, session.begin():
+            query = (
+                select(OutboxRow)
+                .where(OutboxRow.state == "pending", OutboxRow.next_attempt_at <= now)
+                .order_by(OutboxRow.id)
+                .limit(BATCH)
+            )
+            if session.bind is not None and session.bind.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = list(session.scalars(query))
+            for row in rows:
+                row.next_attempt_at = now + LEASE
+            return [
+                Delivery(r.id, r.ticket_id, r.channel, r.kind, tuple(r.recipients),
+                         r.envelope_from, r.message_id, r.raw, r.payload, r.attempts)
+                for r in rows
+            ]
+
+    def _record(self, outcomes: list[tuple[Delivery, DeliveryError | str | None]]) -> None:
+        now = self.clock()
+        failures: list[tuple[Delivery, str, bool]] = []
+        with self.sessions() as session, session.begin():
+            for item, result in outcomes:
+                row = session.get(OutboxRow, item.id)
+                if row is None:
+                    continue
+                if result is None:
+                    row.state, row.sent_at = "sent", now
+                    row.attempts += 1
+                    row.last_error = None
+                    log.info("outbox: row %d (%s, %s) sent to %s", row.id, row.kind,
+                             row.message_id, row.to_address)
+                elif result == "held":
+                    row.state = "held"
+                    row.last_error = f"no sender for channel {row.channel!r}"
+                else:
+                    assert isinstance(result, DeliveryError)
+                    row.attempts += 1
+                    row.last_error = str(result)[:2000]
+                    if result.permanent or row.attempts >= self.settings.max_attempts:
+                        row.state = "dead"
+                        failures.append((item, row.last_error, True))
+                        log.error("outbox: row %d to %s is dead after %d attempt(s): %s",
+                                  row.id, row.to_address, row.attempts, row.last_error)
+                    else:
+                        row.state = "pending"
+                        row.next_attempt_at = now + backoff(self.settings, row.attempts)
+                        log.warning("outbox: row %d to %s failed (attempt %d), retry at %s: %s",
+                                    row.id, row.to_address, row.attempts,
+                                    row.next_attempt_at.isoformat(), row.last_error)
+        if self.on_failure is not None:
+            for item, error, dead in failures:
+                self.on_failure(item, error, dead)
+
+    def _seconds_to_next_due(self) -> float:
+        with self.sessions() as session:
+            nxt = session.scalar(
+                select(func.min(OutboxRow.next_attempt_at)).where(OutboxRow.state == "pending")
+            )
+        if nxt is None:
+            return 300.0
+        return max(0.0, min(300.0, (nxt - self.clock()).total_seconds()))
+
+
+def release_held(sessions: sessionmaker[Session], channels: set[str]) -> int:
+    """Put held rows of channels that now have a sender back in the queue."""
+    with sessions() as session, session.begin():
+        result = session.execute(
+            update(OutboxRow)
+            .where(OutboxRow.state == "held", OutboxRow.channel.in_(channels))
+            .values(state="pending")
+        )
+        return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,461 @@
+"""ingest(inbound): the ordered steps from received bytes to stored ticket changes.
+
+parse -> dedup -> loop check -> automatic-mail check -> report? -> reply token?
+-> follow-up match -> routing -> persist. Every step runs inside the caller's
+transaction (a savepoint per message, see `intake`); a step that raises is
+reported as a `StageError` naming the step, and the caller quarantines the
+message with that stage and reason. Nothing here talks to the network.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gateway import agents
+from gateway.config import Settings
+from gateway.followup import (
+    Hooks,
+    parse_reply_address,
+    ticket_by_number,
+    tickets_by_message_ids,
+)
+from gateway.mail import auto
+from gateway.mail.parse import ParseError, parse_mail
+from gateway.message import Inbound, ParsedMail
+from gateway.notify import Notifier
+from gateway.routing import Decision, RoutingFacts, RuleReloader
+from gateway.store.models import (
+    Article,
+    Attachment,
+    Blob,
+    Counter,
+    Event,
+    MessageId,
+    Participant,
+    QuarantineRow,
+    Ticket,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.StrEnum):
+    CREATED = "created"
+    FOLLOWUP = "followup"
+    AGENT_REPLY = "agent-reply"
+    REJECTED = "rejected"  # agent reply not applied (error mail sent)
+    NOTE = "note"  # kept as an internal note (reports, unauthorised token mail)
+    DROPPED = "dropped"
+    DUPLICATE = "duplicate"
+    LOOP = "loop"
+    IGNORED = "ignored"  # unmatched delivery report
+    QUARANTINED = "quarantined"
+
+
+@dataclass(frozen=True, slots=True)
+class Disposition:
+    """What the pipeline decided for one message."""
+
+    outcome: Outcome
+    ticket: str | None = None
+    message_id: str | None = None
+    reason: str = ""
+
+
+class StageError(Exception):
+    """A step failed; the message goes to quarantine with this stage and reason."""
+
+    def __init__(self, stage: str, reason: str, detail: str) -> None:
+        super().__init__(f"{stage}: {reason}: {detail}")
+        self.stage = stage
+        self.reason = reason
+        self.detail = detail
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    try:
+        yield
+    except StageError:
+        raise
+    except ParseError as exc:
+        raise StageError(name, exc.reason, exc.detail) from exc
+    except Exception as exc:
+        raise StageError(name, type(exc).__name__, str(exc)[:2000]) from exc
+
+
+class Pipeline:
+    """The mail path's decisions, over one database session at a time."""
+
+    def __init__(
+        self, settings: Settings, rules: RuleReloader, notifier: Notifier, hooks: Hooks
+    ) -> None:
+        self.settings = settings
+        self.rules = rules
+        self.notifier = notifier
+        self.hooks = hooks
+        self.own_domains = frozenset({settings.daemon.message_id_domain})
+        self.agent_replies = agents.AgentReplies(settings, notifier, hooks)
+
+    # -- entry point ---------------------------------------------------------------
+
+    def ingest(self, session: Session, inbound: Inbound, now: dt.datetime) -> Disposition:
+        with stage("parse"):
+            mail = parse_mail(inbound.raw)
+        mid = mail.message_id
+        with stage("dedup"):
+            if mid and session.get(MessageId, mid) is not None:
+                log.info("message %s: duplicate, discarded", mid)
+                return Disposition(Outcome.DUPLICATE, message_id=mid)
+        with stage("loop"):
+            loop = auto.is_loop(
+                mail, loop_value=self.notifier.loop_value, own_domains=self.own_domains
+            )
+            if loop:
+                log.info("message %s: our own mail came back (%s), discarded", mid, loop)
+                return Disposition(Outcome.LOOP, message_id=mid, reason=loop)
+            info = auto.classify(mail, inbound.mail_from)
+        if info.is_report:
+            with stage("report"):
+                return self._report(session, inbound, mail, now)
+        with stage("token"):
+            token_addr = self._token_address(inbound, mail)
+        if token_addr is not None:
+            with stage("agent"):
+                return self.agent_replies.handle(
+                    session, inbound, mail, token_addr, info, now, self._store_article
+                )
+        if mail.sender is None:
+            raise StageError("normalise", "no-sender", "no usable From address")
+        with stage("followup"):
+            ticket, linked = self._find_ticket(session, mail)
+        with stage("routing"):
+            decision = self.rules.current.evaluate(self._facts(inbound, mail))
+            if decision.drop:
+                log.info("message %s: dropped by rule %s", mid, decision.drop_rule)
+                if mid:
+                    session.add(MessageId(message_id=mid, ticket_id=None,
+                                          direction="dropped", created_at=now))
+                return Disposition(Outcome.DROPPED, message_id=mid, reason=decision.drop_rule or "")
+        if ticket is not None:
+            with stage("persist"):
+                return self._followup(session, inbound, mail, ticket, info, now)
+        with stage("persist"):
+            return self._create(session, inbound, mail, decision, info, linked, now)
+
+    # -- steps ---------------------------------------------------------------------
+
+    def _token_address(self, inbound: Inbound, mail: ParsedMail) -> str | None:
+        """The tokened reply address this mail was delivered to, if any."""
+        candidates = list(inbound.rcpt_tos)
+        if not candidates:
+            # No envelope (IMAP): the headers are all we have.
+            candidates = [a.address for a in (*mail.to, *mail.cc)]
+            candidates += [v.strip() for v in mail.header_all("Delivered-To")]
+        for addr in candidates:
+            parsed = parse_reply_address(addr)
+            if parsed is not None and self.settings.inbound_for(parsed.base) is not None:
+                return addr.lower()
+        return None
+
+    def _find_ticket(
+        self, session: Session, mail: ParsedMail
+    ) -> tuple[Ticket | None, Ticket | None]:
+        """(ticket to append to, ticket to link a new one to) per B8."""
+        candidates: list[Ticket] = []
+        for number in self.hooks.find(mail.subject):
+            t = ticket_by_number(session, number)
+            if t is not None:
+                candidates.append(t)
+        for tid in tickets_by_message_ids(session, (*mail.references, *mail.in_reply_to)):
+            t = session.get(Ticket, tid)
+            if t is not None and t not in candidates:
+                candidates.append(t)
+        assert mail.sender is not None
+        sender = mail.sender.address
+        for t in candidates:
+            if self._may_follow_up(session, t, sender):
+                return t, None
+        return None, (candidates[0] if candidates else None)
+
+    def _may_follow_up(self, session: Session, ticket: Ticket, sender: str) -> bool:
+        if sender == ticket.customer:
+            return True
+        if sender in self.notifier.agents_of(ticket):
+            return True
+        found = session.scalar(
+            select(Participant.id).where(
+                Participant.ticket_id == ticket.id, Participant.address == sender
+            )
+        )
+        return found is not None
+
+    def _inbound_address(self, inbound: Inbound, mail: ParsedMail) -> str:
+        """B2: the envelope decides; among several, the first configured address wins."""
+        recipients = {r.lower() for r in inbound.rcpt_tos}
+        if not recipients:
+            recipients = {a.address for a in (*mail.to, *mail.cc)}
+        for configured in self.settings.inbound:
+            if any(self.settings.inbound_for(r) is configured for r in recipients):
+                return configured.address
+        return self.settings.inbound[0].address
+
+    def _facts(self, inbound: Inbound, mail: ParsedMail) -> RoutingFacts:
+        return RoutingFacts(
+            subject=mail.subject,
+            sender=mail.sender.address if mail.sender else "",
+            to=tuple(a.address for a in mail.to),
+            cc=tuple(a.address for a in mail.cc),
+            body=mail.text,
+            headers=mail.headers,
+            channel=inbound.channel.value,
+            inbound=self._inbound_address(inbound, mail) if self.settings.inbound else None,
+        )
+
+    def _create(
+        self,
+        session: Session,
+        inbound: Inbound,
+        mail: ParsedMail,
+        decision: Decision,
+        info: auto.AutoInfo,
+        linked: Ticket | None,
+        now: dt.datetime,
+    ) -> Disposition:
+        assert mail.sender is not None
+        address = self._inbound_address(inbound, mail)
+        group = decision.group
+        if group is None:
+            configured = self.settings.inbound_for(address)
+            group = configured.default_group if configured else self.settings.groups[0].name
+        ticket = Ticket(
+            number=next_ticket_number(session, now),
+            subject=mail.subject or "(no subject)",
+            state="new",
+            priority=decision.priority or "normal",
+            type=decision.type,
+            tags=list(decision.tags),
+            group=group,
+            owner=None,
+            customer=mail.sender.address,
+            customer_name=mail.sender.name,
+            channel=inbound.channel.value,
+            inbound_address=address,
+            linked_ticket_id=linked.id if linked is not None else None,
+            created_at=now,
+            updated_at=now,
+            escalation_level=0,
+        )
+        session.add(ticket)
+        session.flush()
+        self._add_participants(session, ticket, mail, customer=True)
+        article = self._store_article(session, ticket, inbound, mail, info, now,
+                                      kind="public", role="customer")
+        session.add(Event(ticket=ticket, at=now, actor=ticket.customer, kind="created", data={
+            "message_id": mail.message_id, "channel": inbound.channel.value,
+            "inbound": address, "automatic": list(info.reasons),
+            "linked": linked.number if linked is not None else None,
+        }))
+        session.add(Event(ticket=ticket, at=now, actor="routing", kind="routed", data={
+            "group": group, "priority": ticket.priority, "tags": ticket.tags,
+            "trail": [
+                {"rule": e.rule, "source": e.source, "matched": e.matched, "detail": e.detail}
+                for e in decision.trail if e.matched
+            ],
+            "default": decision.group is None,
+        }))
+        if not info.is_automatic and not self.notifier.is_own(ticket.customer):
+            self.notifier.acknowledge(session, ticket, article, now)
+        self.notifier.notify_agents(session, ticket, article, "agent_new.txt", now)
+        log.info("message %s: new ticket %s in %s", mail.message_id, ticket.number, group)
+        return Disposition(Outcome.CREATED, ticket.number, mail.message_id)
+
+    def _followup(
+        self,
+        session: Session,
+        inbound: Inbound,
+        mail: ParsedMail,
+        ticket: Ticket,
+        info: auto.AutoInfo,
+        now: dt.datetime,
+    ) -> Disposition:
+        assert mail.sender is not None
+        sender = mail.sender.address
+        is_agent = sender in self.notifier.agents_of(ticket)
+        role = "agent" if is_agent else "customer"
+        if not is_agent:
+            self._add_participants(session, ticket, mail, customer=False)
+        article = self._store_article(session, ticket, inbound, mail, info, now,
+                                      kind="public", role=role)
+        ticket.updated_at = now
+        if not info.is_automatic and not is_agent:
+            if ticket.state in ("pending", "closed"):
+                session.add(Event(ticket=ticket, at=now, actor=sender, kind="state",
+                                  data={"from": ticket.state, "to": "open",
+                                        "why": "customer follow-up"}))
+                ticket.state = "open"
+                ticket.closed_at = None
+            self.notifier.notify_agents(session, ticket, article, "agent_followup.txt", now)
+        log.info("message %s: follow-up on ticket %s", mail.message_id, ticket.number)
+        return Disposition(Outcome.FOLLOWUP, ticket.number, mail.message_id)
+
+    def _report(
+        self, session: Session, inbound: Inbound, mail: ParsedMail, now: dt.datetime
+    ) -> Disposition:
+        """B18: a delivery or read report becomes an internal note on its ticket."""
+        report = auto.parse_report(inbound.raw, mail)
+        ids = list(report.original_message_ids) if report else []
+        ids += list(mail.in_reply_to)
+        found = tickets_by_message_ids(session, ids)
+        ticket = session.get(Ticket, found[0]) if found else None
+        if ticket is None:
+            log.info("message %s: report matches no ticket, ignored", mail.message_id)
+            if mail.message_id:
+                session.add(MessageId(message_id=mail.message_id, ticket_id=None,
+                                      direction="dropped", created_at=now))
+            return Disposition(Outcome.IGNORED, message_id=mail.message_id,
+                               reason="unmatched report")
+        summary = report.summary if report else mail.text
+        sender = mail.sender.address if mail.sender else (inbound.mail_from or "mailer-daemon")
+        article = self._store_article(
+            session, ticket, inbound, mail, auto.AutoInfo(True, ("report",), True), now,
+            kind="internal", role="system", body=summary, sender=sender,
+        )
+        del article
+        if report is not None and report.permanent:
+            for rcpt in report.failed_recipients:
+                part = session.scalar(select(Participant).where(
+                    Participant.ticket_id == ticket.id, Participant.address == rcpt.lower()))
+                if part is not None:
+                    part.bouncing = ", ".join(report.statuses)
+                session.add(Event(ticket=ticket, at=now, actor="system", kind="bounce", data={
+                    "recipient": rcpt, "statuses": list(report.statuses)}))
+        log.info("message %s: report attached to ticket %s", mail.message_id, ticket.number)
+        return Disposition(Outcome.NOTE, ticket.number, mail.message_id, reason="report")
+
+    # -- persistence helpers -------------------------------------------------------
+
+    def _add_participants(
+        self, session: Session, ticket: Ticket, mail: ParsedMail, *, customer: bool
+    ) -> None:
+        """B5: customer plus To/Cc, minus our own addresses and agents; never Bcc."""
+        existing = set(session.scalars(
+            select(Participant.address).where(Participant.ticket_id == ticket.id)
+        ))
+        wanted: list[tuple[str, str, str]] = []
+        if customer:
+            assert mail.sender is not None
+            wanted.append((mail.sender.address, mail.sender.name, "customer"))
+        for a in (*mail.to, *mail.cc):
+            wanted.append((a.address, a.name, "cc"))
+        for address, name, role in wanted:
+            if address in existing or self.notifier.is_own(address):
+                continue
+            if self.settings.agent(address) is not None:
+                continue
+            existing.add(address)
+            session.add(Participant(ticket_id=ticket.id, address=address, name=name, role=role))
+
+    def _store_article(
+        self,
+        session: Session,
+        ticket: Ticket,
+        inbound: Inbound,
+        mail: ParsedMail,
+        info: auto.AutoInfo,
+        now: dt.datetime,
+        *,
+        kind: str,
+        role: str,
+        body: str | None = None,
+        sender: str | None = None,
+    ) -> Article:
+        article = Article(
+            ticket=ticket,
+            kind=kind,
+            direction="in",
+            channel=inbound.channel.value,
+            sender=sender or (mail.sender.address if mail.sender else ""),
+            sender_name=mail.sender.name if mail.sender else "",
+            author_role=role,
+            to=[a.address for a in mail.to],
+            cc=[a.address for a in mail.cc],
+            subject=mail.subject,
+            body=mail.text if body is None else body,
+            html=mail.html,
+            message_id=mail.message_id,
+            automatic=info.is_automatic,
+            raw=inbound.raw,
+            created_at=now,
+        )
+        session.add(article)
+        for att in mail.attachments:
+            digest = hashlib.sha256(att.data).hexdigest()
+            if session.get(Blob, digest) is None:
+                session.add(Blob(sha256=digest, size=len(att.data), data=att.data))
+            article.attachments.append(Attachment(
+                filename=att.filename, content_type=att.content_type, sha256=digest,
+                size=len(att.data),
+            ))
+        if mail.message_id:
+            session.add(MessageId(message_id=mail.message_id, ticket_id=ticket.id,
+                                  direction="in", created_at=now))
+        session.flush()
+        return article
+
+
+def next_ticket_number(session: Session, now: dt.datetime) -> str:
+    """Date-based, human-readable and unique: YYYYMMDD + a 5-digit daily sequence.
+
+    The counter row is bumped with UPDATE ... RETURNING, so concurrent daemons on
+    PostgreSQL serialise on that one row instead of racing on MAX(number).
+    """
+    day = now.astimezone(dt.UTC).strftime("%Y%m%d")
+    name = f"ticket:{day}"
+    for _ in range(3):
+        value = session.scalar(
+            update(Counter).where(Counter.name == name)
+            .values(value=Counter.value + 1).returning(Counter.value)
+        )
+        if value is not None:
+            return f"{day}{value:05d}"
+        try:
+            with session.begin_nested():
+                session.add(Counter(name=name, value=1))
+            return f"{day}{1:05d}"
+        except IntegrityError:
+            continue  # another daemon created the row first; bump it instead
+    raise RuntimeError("could not allocate a ticket number")
+
+
+def quarantine(
+    session: Session, inbound: Inbound, error: StageError, now: dt.datetime,
+    message_id: str | None = None,
+) -> QuarantineRow:
+    row = QuarantineRow(
+        received_at=now,
+        channel=inbound.channel.value,
+        source=inbound.source,
+        stage=error.stage,
+        reason=error.reason,
+        detail=error.detail,
+        message_id=message_id,
+        mail_from=inbound.mail_from,
+        rcpt_tos=list(inbound.rcpt_tos),
+        channel_message_id=inbound.channel_message_id,
+        raw=inbound.raw,
+        state="held",
+    )
+    session.add(row)
+    session.flush()
+    return row

@@ -1,0 +1,270 @@
+"""SQLAlchemy models: every row the daemon keeps.
+
+Groups and agents live in the configuration, not here: a ticket refers to its
+group and owner by name/address. All timestamps are stored as UTC and come back
+timezone-aware (`UTCDateTime`), on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names so Alembic migrations are reproducible on every backend.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Aware datetimes in, aware UTC datetimes out; stored naive-UTC (SQLite has no tz)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        return value.replace(tzinfo=dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Ticket(Base):
+    __tablename__ = "tickets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Human-readable, date-based: YYYYMMDD + 5-digit daily sequence (2026112700012).
+    number: Mapped[str] = mapped_column(String(32), unique=True)
+    subject: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[str] = mapped_column(String(16))
+    type: Mapped[str | None] = mapped_column(String(64))
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    group: Mapped[str] = mapped_column(String(200), index=True)
+    owner: Mapped[str | None] = mapped_column(String(320))
+    customer: Mapped[str] = mapped_column(String(320), index=True)
+    customer_name: Mapped[str] = mapped_column(String(400), default="")
+    channel: Mapped[str] = mapped_column(String(16))
+    # The inbound address the customer wrote to: replies to the customer come from it.
+    inbound_address: Mapped[str] = mapped_column(String(320))
+    # Channel-specific return path for non-email channels (e.g. Telegram bot + chat id).
+    channel_ref: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    linked_ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    first_response_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # SLA deadlines; next_escalation_at is their minimum, indexed for the scheduler.
+    first_response_due: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    update_due: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    solution_due: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    next_escalation_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
+    escalation_level: Mapped[int] = mapped_column(Integer, default=0)
+
+    articles: Mapped[list[Article]] = relationship(
+        back_populates="ticket", order_by="Article.id", cascade="all, delete-orphan"
+    )
+    participants: Mapped[list[Participant]] = relationship(
+        back_populates="ticket", order_by="Participant.id", cascade="all, delete-orphan"
+    )
+    events: Mapped[list[Event]] = relationship(
+        back_populates="ticket", order_by="Event.id", cascade="all, delete-orphan"
+    )
+
+
+class Participant(Base):
+    """Someone who may follow up on a ticket by mail (customer, To/Cc of customer mail)."""
+
+    __tablename__ = "participants"
+    __table_args__ = (UniqueConstraint("ticket_id", "address"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"))
+    address: Mapped[str] = mapped_column(String(320))
+    name: Mapped[str] = mapped_column(String(400), default="")
+    role: Mapped[str] = mapped_column(String(16))  # customer | cc
+    # Set when a delivery status notification reported a permanent failure.
+    bouncing: Mapped[str | None] = mapped_column(Text)
+
+    ticket: Mapped[Ticket] = relationship(back_populates="participants")
+
+
+class Article(Base):
+    """One message on a ticket: customer mail, agent reply, internal note."""
+
+    __tablename__ = "articles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(
+        ForeignKey("tickets.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))  # public | internal
+    direction: Mapped[str] = mapped_column(String(8))  # in | out
+    channel: Mapped[str] = mapped_column(String(16))
+    sender: Mapped[str] = mapped_column(String(320))
+    sender_name: Mapped[str] = mapped_column(String(400), default="")
+    # customer | agent | system (automatic mail, reports)
+    author_role: Mapped[str] = mapped_column(String(16))
+    to: Mapped[list[str]] = mapped_column(JSON, default=list)
+    cc: Mapped[list[str]] = mapped_column(JSON, default=list)
+    subject: Mapped[str] = mapped_column(Text, default="")
+    body: Mapped[str] = mapped_column(Text, default="")
+    html: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[str | None] = mapped_column(String(998))
+    automatic: Mapped[bool] = mapped_column(default=False)
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+    ticket: Mapped[Ticket] = relationship(back_populates="articles")
+    attachments: Mapped[list[Attachment]] = relationship(
+        back_populates="article", order_by="Attachment.id", cascade="all, delete-orphan"
+    )
+
+
+class Blob(Base):
+    """Attachment content, stored once by SHA-256."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Attachment(Base):
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    article_id: Mapped[int] = mapped_column(
+        ForeignKey("articles.id", ondelete="CASCADE"), index=True
+    )
+    filename: Mapped[str] = mapped_column(Text)
+    content_type: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    size: Mapped[int] = mapped_column(BigInteger)
+
+    article: Mapped[Article] = relationship(back_populates="attachments")
+    blob: Mapped[Blob] = relationship()
+
+
+class MessageId(Base):
+    """Every Message-ID the daemon has seen or sent: dedup (B9), threading (B8)."""
+
+    __tablename__ = "message_ids"
+
+    message_id: Mapped[str] = mapped_column(String(998), primary_key=True)
+    ticket_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tickets.id", ondelete="CASCADE"), index=True
+    )
+    direction: Mapped[str] = mapped_column(String(8))  # in | out | dropped
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class Event(Base):
+    """The audit trail: routing decisions, state changes, commands, deliveries."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(
+        ForeignKey("tickets.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(320))
+    kind: Mapped[str] = mapped_column(String(64))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    ticket: Mapped[Ticket] = relationship(back_populates="events")
+
+
+class OutboxRow(Base):
+    """One message to deliver; written in the transaction that caused it."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        Index("ix_outbox_due", "state", "next_attempt_at"),
+        Index("ix_outbox_rate", "to_address", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tickets.id", ondelete="SET NULL"), index=True
+    )
+    channel: Mapped[str] = mapped_column(String(16))
+    # ack | notify | relay | error | reminder | escalation
+    kind: Mapped[str] = mapped_column(String(16))
+    # First recipient, for listing and the per-address rate limit.
+    to_address: Mapped[str] = mapped_column(String(320))
+    recipients: Mapped[list[str]] = mapped_column(JSON)
+    envelope_from: Mapped[str] = mapped_column(String(320))
+    message_id: Mapped[str | None] = mapped_column(String(998))
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # For non-email channels: what to send (text, attachments, chat id, ...).
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))  # pending | sent | held | dead
+    automatic: Mapped[bool] = mapped_column(default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class QuarantineRow(Base):
+    """A message the pipeline could not turn into a ticket, kept with why."""
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(200))
+    stage: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="")
+    message_id: Mapped[str | None] = mapped_column(String(998))
+    mail_from: Mapped[str | None] = mapped_column(String(320))
+    rcpt_tos: Mapped[list[str]] = mapped_column(JSON, default=list)
+    channel_message_id: Mapped[str | None] = mapped_column(String(200))
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[str] = mapped_column(String(16), default="held")  # held | retried
+
+
+class Counter(Base):
+    """Named counters (the daily ticket-number sequence)."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
