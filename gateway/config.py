@@ -283,7 +283,7 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_settings(
-        data, source=str(path), base_dir=path.resolve().parent, environ=environ
+        data, source=str(path), base_dir=path.absolute().parent, environ=environ
     )
 
 

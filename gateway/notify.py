@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from gateway.config import Settings
 from gateway.followup import Hooks, make_token, reply_address
-from gateway.mail.compose import compose, make_message_id
+from gateway.mail.compose import ComposeError, compose, encode_address, make_message_id
 from gateway.message import Address, Outbound
 from gateway.store.models import Article, Event, MessageId, OutboxRow, Ticket
 
@@ -67,6 +67,17 @@ class Notifier:
         """True for the daemon's own addresses (and their sub-addresses): never mailed."""
         return self.settings.inbound_for(address) is not None
 
+    def _deliverable(self, address: str, ticket: Ticket | None) -> bool:
+        """Not one of ours (B19) and encodable: one bad Cc must not sink the message."""
+        if self.is_own(address):
+            return False
+        try:
+            encode_address(address)
+        except ComposeError:
+            log.warning("ticket %s: skipping unusable address %r", _num(ticket), address)
+            return False
+        return True
+
     def _sender(self, ticket: Ticket, display: str | None = None) -> Address:
         inbound = self.settings.inbound_for(ticket.inbound_address)
         name = display if display is not None else (inbound.name if inbound else "")
@@ -95,8 +106,8 @@ class Notifier:
         automatic: bool,
     ) -> OutboxRow | None:
         """Compose `out` and store it for delivery; None when nothing is left to send."""
-        to = tuple(a for a in out.to if not self.is_own(a.address))
-        cc = tuple(a for a in out.cc if not self.is_own(a.address) and a not in to)
+        to = tuple(a for a in out.to if self._deliverable(a.address, ticket))
+        cc = tuple(a for a in out.cc if self._deliverable(a.address, ticket) and a not in to)
         if not to:
             log.info("ticket %s: %s mail has no recipient left", _num(ticket), kind)
             return None

@@ -9,6 +9,7 @@ message with that stage and reason. Nothing here talks to the network.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 import hashlib
@@ -31,7 +32,7 @@ from gateway.followup import (
 )
 from gateway.mail import auto
 from gateway.mail.parse import ParseError, parse_mail
-from gateway.message import Inbound, ParsedMail
+from gateway.message import Address, Inbound, ParsedMail
 from gateway.notify import Notifier
 from gateway.routing import Decision, RoutingFacts, RuleReloader
 from gateway.store.models import (
@@ -136,7 +137,7 @@ class Pipeline:
                     session, inbound, mail, token_addr, info, now, self._store_article
                 )
         if mail.sender is None:
-            raise StageError("normalise", "no-sender", "no usable From address")
+            mail = _with_fallback_sender(mail, inbound)
         with stage("followup"):
             ticket, linked = self._find_ticket(session, mail)
         with stage("routing"):
@@ -268,10 +269,12 @@ class Pipeline:
         }))
         session.add(Event(ticket=ticket, at=now, actor="routing", kind="routed", data={
             "group": group, "priority": ticket.priority, "tags": ticket.tags,
+            # Hits with what they did; misses are only counted (`rules explain` shows them).
             "trail": [
-                {"rule": e.rule, "source": e.source, "matched": e.matched, "detail": e.detail}
+                {"rule": e.rule, "source": e.source, "detail": e.detail, "effect": e.effect}
                 for e in decision.trail if e.matched
             ],
+            "evaluated": len(decision.trail),
             "default": decision.group is None,
         }))
         if not info.is_automatic and not self.notifier.is_own(ticket.customer):
@@ -412,6 +415,16 @@ class Pipeline:
                                   direction="in", created_at=now))
         session.flush()
         return article
+
+
+def _with_fallback_sender(mail: ParsedMail, inbound: Inbound) -> ParsedMail:
+    """No usable From: Reply-To, then the envelope sender, stand in for the customer."""
+    if mail.reply_to:
+        return dataclasses.replace(mail, sender=mail.reply_to[0])
+    if inbound.mail_from:
+        return dataclasses.replace(mail, sender=Address(inbound.mail_from.lower()))
+    raise StageError("normalise", "no-sender",
+                     "no usable From, Reply-To or envelope sender: nobody to answer")
 
 
 def next_ticket_number(session: Session, now: dt.datetime) -> str:

@@ -1,0 +1,4 @@
+"""Escalation: SLA deadlines over business-hours calendars, and the timers that fire them.
+
+`gateway.escalation.calendar` holds the pure calendar arithmetic.
+"""
