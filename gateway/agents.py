@@ -29,11 +29,15 @@ log = logging.getLogger(__name__)
 security = logging.getLogger("gateway.security")
 
 StoreArticle = Callable[..., Article]
+Changed = Callable[[Session, Ticket, str, dt.datetime], None]
 
 
 class AgentReplies:
-    def __init__(self, settings: Settings, notifier: Notifier, hooks: Hooks) -> None:
+    def __init__(
+        self, settings: Settings, notifier: Notifier, hooks: Hooks, changed: Changed
+    ) -> None:
         self.settings = settings
+        self.changed = changed
         self.notifier = notifier
         self.hooks = hooks
         self.secret = settings.daemon.secret.get_secret_value().encode()
@@ -165,6 +169,10 @@ class AgentReplies:
             data["address"] = address
         session.add(Event(ticket=ticket, at=now, actor=agent, kind=f"command:{cmd.name}",
                           data=data))
+        if cmd.name in ("close", "open", "pending"):
+            self.changed(session, ticket, "state", now)
+        elif cmd.name in ("group", "priority"):
+            self.changed(session, ticket, cmd.name, now)
 
     def _relay(self, session: Session, ticket: Ticket, article: Article, agent_name: str,
                now: dt.datetime) -> None:
@@ -183,8 +191,10 @@ class AgentReplies:
             session.add(Event(ticket=ticket, at=now, actor="system", kind="state",
                               data={"from": "new", "to": "open", "why": "first agent reply"}))
             ticket.state = "open"
+            self.changed(session, ticket, "state", now)
         if ticket.first_response_at is None:
             ticket.first_response_at = now
+        self.changed(session, ticket, "agent-reply", now)
 
     def _last_customer(self, session: Session, ticket: Ticket) -> Article | None:
         return session.scalars(

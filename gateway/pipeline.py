@@ -17,6 +17,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -73,6 +74,18 @@ class Disposition:
     reason: str = ""
 
 
+class TicketObserver(Protocol):
+    """Told of every ticket change inside the transaction that makes it (e.g. SLA clocks).
+
+    `change` is one of: "created", "customer-message", "agent-reply" (public, relayed),
+    "state" (state changed; the ticket already has the new state), "group", "priority".
+    """
+
+    def ticket_changed(
+        self, session: Session, ticket: Ticket, change: str, now: dt.datetime
+    ) -> None: ...
+
+
 class StageError(Exception):
     """A step failed; the message goes to quarantine with this stage and reason."""
 
@@ -106,7 +119,12 @@ class Pipeline:
         self.notifier = notifier
         self.hooks = hooks
         self.own_domains = frozenset({settings.daemon.message_id_domain})
-        self.agent_replies = agents.AgentReplies(settings, notifier, hooks)
+        self.observers: list[TicketObserver] = []
+        self.agent_replies = agents.AgentReplies(settings, notifier, hooks, self.changed)
+
+    def changed(self, session: Session, ticket: Ticket, change: str, now: dt.datetime) -> None:
+        for observer in self.observers:
+            observer.ticket_changed(session, ticket, change, now)
 
     # -- entry point ---------------------------------------------------------------
 
@@ -277,6 +295,7 @@ class Pipeline:
             "evaluated": len(decision.trail),
             "default": decision.group is None,
         }))
+        self.changed(session, ticket, "created", now)
         if not info.is_automatic and not self.notifier.is_own(ticket.customer):
             self.notifier.acknowledge(session, ticket, article, now)
         self.notifier.notify_agents(session, ticket, article, "agent_new.txt", now)
@@ -308,6 +327,8 @@ class Pipeline:
                                         "why": "customer follow-up"}))
                 ticket.state = "open"
                 ticket.closed_at = None
+                self.changed(session, ticket, "state", now)
+            self.changed(session, ticket, "customer-message", now)
             self.notifier.notify_agents(session, ticket, article, "agent_followup.txt", now)
         log.info("message %s: follow-up on ticket %s", mail.message_id, ticket.number)
         return Disposition(Outcome.FOLLOWUP, ticket.number, mail.message_id)

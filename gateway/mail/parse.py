@@ -437,16 +437,23 @@ def _addresses(field: str, values: list[str], defects: list[str]) -> tuple[Addre
 
 def _split_addresses(field: str, value: str) -> list[tuple[str, str]]:
     """(display name, addr-spec) pairs of an address list (RFC 5322 3.4)."""
-    if len(value) <= _MAX_REGISTRY_ADDRESS_HEADER:
-        try:
-            header = email_policy.default.header_factory(field, value)
-            return [(a.display_name, a.addr_spec) for a in header.addresses]
-        except Exception:  # the registry gave up: try the lenient compat32 parser
-            pass
+    pairs = (
+        _registry_addresses(field, value) if len(value) <= _MAX_REGISTRY_ADDRESS_HEADER else None
+    )
+    if pairs is not None:
+        return pairs
     try:
-        return email_utils.getaddresses([value])
+        return email_utils.getaddresses([value])  # the lenient compat32 parser
     except Exception:
         return []
+
+
+def _registry_addresses(field: str, value: str) -> list[tuple[str, str]] | None:
+    try:
+        header = email_policy.default.header_factory(field, value)
+        return [(a.display_name, a.addr_spec) for a in header.addresses]
+    except Exception:  # the registry raises on some broken lists
+        return None
 
 
 def _mask_words(value: str) -> tuple[str, list[str]]:

@@ -69,7 +69,8 @@ def migrate(engine: Engine) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        # "heads": features may add independent migration branches off the same parent.
+        command.upgrade(cfg, "heads")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

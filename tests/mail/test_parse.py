@@ -218,6 +218,18 @@ def test_display_name_with_newline_and_encoded_words() -> None:
     assert mail.to == (Address("m@example.com", "Müller"),)
 
 
+def test_encoded_words_cannot_change_the_address_structure() -> None:
+    # ":" "," and CRLF inside an encoded-word are text, never list syntax.
+    raw = build(
+        "From: =?utf-8?q?Dana=0D=0ABcc:_x@evil.test?= <dana@users.test>\n"
+        'To: "=?utf-8?q?Doe,_J?=" <j@example.com>, =?utf-8?q?J=C3=BCrgen?= =?utf-8?q?_M?= '
+        "<jm@example.de>"
+    )
+    mail = parse_mail(raw)
+    assert mail.sender == Address("dana@users.test", "Dana  Bcc: x@evil.test")
+    assert mail.to == (Address("j@example.com", "Doe, J"), Address("jm@example.de", "Jürgen M"))
+
+
 def test_multiple_to_headers_and_duplicates() -> None:
     mail = parse_mail(
         build("From: a@example.com\nTo: x@example.com\nTo: y@example.com, X@example.com")
