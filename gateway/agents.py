@@ -95,6 +95,9 @@ class AgentReplies:
             return Disposition(Outcome.REJECTED, ticket.number, mid, reason="not authorised")
 
         block = commands.split_block(mail.text)
+        # Scripts may put commands in a header instead of the body; they run first.
+        header_cmds = commands.from_headers(mail.header_all(commands.COMMAND_HEADER))
+        block = commands.CommandBlock(header_cmds + block.commands, block.text)
         problems = commands.check(block.commands, self.settings)
         if problems:
             self._reject(session, ticket, sender, mid, now, problems)

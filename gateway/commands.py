@@ -12,9 +12,8 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 
-from email_validator import EmailNotValidError, validate_email
-
 from gateway.config import Settings
+from gateway.mail.compose import ComposeError, encode_address
 
 COMMAND_LINE = re.compile(r"^#(?P<name>[A-Za-z][A-Za-z_-]*)(?:[ \t]+(?P<arg>.*))?$")
 
@@ -63,6 +62,26 @@ def split_block(body: str) -> CommandBlock:
     return CommandBlock(tuple(commands), "\n".join(lines[i:]) if commands else body)
 
 
+COMMAND_HEADER = "X-Helpdesk-Command"
+
+
+def from_headers(values: list[str]) -> tuple[Command, ...]:
+    """Commands given in `X-Helpdesk-Command` headers (one or more per header, `;`-separated)."""
+    found: list[Command] = []
+    for value in values:
+        for part in value.split(";"):
+            part = part.strip()
+            if not part:
+                continue
+            if not part.startswith("#"):
+                part = "#" + part
+            m = COMMAND_LINE.match(part)
+            name = m["name"].lower() if m else part[1:].split(" ", 1)[0].lower()
+            arg = (m["arg"] or "").strip() if m else ""
+            found.append(Command(name, arg, part))
+    return tuple(found)
+
+
 def valid_commands() -> list[str]:
     return [f"#{name} {arg}".rstrip() + f"  - {desc}" for name, (arg, desc) in COMMANDS.items()]
 
@@ -105,8 +124,13 @@ def _check_one(cmd: Command, settings: Settings) -> str | None:
     if cmd.name == "assign" and cmd.arg.lower() != "me" and settings.agent(cmd.arg) is None:
         return f"{cmd.arg!r} is not an agent"
     if cmd.name == "cc":
+        # The same check outbound mail gets: if we can address it, it is valid.
+        # (email-validator refuses special-use domains such as .localhost, which
+        # internal deployments use.)
         try:
-            validate_email(cmd.arg, check_deliverability=False)
-        except EmailNotValidError as exc:
+            encode_address(cmd.arg)
+        except ComposeError as exc:
             return f"not an email address: {exc}"
+        if "@" not in cmd.arg:
+            return "not an email address: no @"
     return None

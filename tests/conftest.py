@@ -28,7 +28,6 @@ from gateway.store.models import Base
 PG_ADMIN_URL = os.environ.get(
     "HELPDESKD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "mail"
 
 
 def _pg_reachable() -> bool:

@@ -11,7 +11,7 @@ import datetime as dt
 from collections import Counter
 from pathlib import Path
 
-from conftest import CORPUS
+from support.corpus import CORPUS
 from sqlalchemy import func, select
 
 from gateway.config import Settings

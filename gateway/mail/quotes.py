@@ -61,9 +61,9 @@ _MOBILE_FOOTER = re.compile(
 _FULLWIDTH_COLON = "\uff1a"  # CJK attribution lines end with it
 _QUOTED = re.compile(r"^\s*>")
 _SEPARATOR_LINE = re.compile(r"^\s*[_\-=*]{5,}\s*$")
+_HTML_QUOTES = frozenset({"blockquote"})
 # Bounds that keep the header patterns (some are quadratic in line length)
 # fast on hostile input; a header past them simply is not found.
-_HTML_QUOTES = frozenset({"blockquote"})
 _PROBE_LINE = 200
 _MAX_CANDIDATES = 400
 _WINDOW = 8
@@ -75,9 +75,9 @@ def strip_reply(text: str, html: str | None = None) -> str:
 
     `html` is used only when `text` is blank (HTML-only mail).
     """
-    from_html = not text.strip() and bool(html)
-    if from_html and html:
-        text = _text_from_html(html)
+    from_html = False
+    if html and not text.strip():
+        text, from_html = _text_from_html(html), True
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     lines = _cut(lines, depth=0)
     if from_html:
