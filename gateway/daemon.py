@@ -41,6 +41,7 @@ class App:
         clock: Callable[[], Any] = utcnow,
         transport: Transport | None = None,
         migrate_schema: bool = True,
+        run_outbox: bool = True,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -57,6 +58,8 @@ class App:
         self.intake = Intake(self.pipeline, self.sessions, clock=clock,
                              on_commit=self._after_commit)
         self._transport = transport
+        # False: deliveries happen only when something calls `outbox.drain()` (tests).
+        self.run_outbox = run_outbox
         self.senders: dict[str, Sender] = {}
         self.outbox: OutboxWorker | None = None
         self.channels: list[Channel] = []
@@ -76,7 +79,8 @@ class App:
             self.channels.append(SmtpChannel(self.settings, self.submit))
         for channel in self.channels:
             await channel.start()
-        self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
+        if self.run_outbox:
+            self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
         self._tasks.append(asyncio.create_task(self.rules.watch(), name="rules:watch"))
 
     async def stop(self) -> None:

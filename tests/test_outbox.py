@@ -1,0 +1,158 @@
+"""The durable outbox: retries with backoff, the dead state, held rows, no resend on restart."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from sqlalchemy import select
+from support.mailer import make_mail, send
+from support.sink import SmtpSink
+
+from gateway.config import Settings
+from gateway.daemon import App
+from gateway.mail.transport import SmtpTransport
+from gateway.outbox import backoff
+from gateway.store.models import OutboxRow
+
+
+def port(app: App) -> int:
+    return app.channels[0].port  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.fixture
+async def app(settings: Settings, sink: SmtpSink, clock: Any) -> AsyncIterator[App]:
+    """A daemon whose outbox is drained only by the test, so each attempt is observable."""
+    transport = SmtpTransport("127.0.0.1", sink.port, starttls=False, username="",
+                              password="", timeout=5)
+    application = App(settings, clock=clock, transport=transport, run_outbox=False)
+    await application.start()
+    yield application
+    await application.stop()
+
+
+def outbox(app: App) -> list[OutboxRow]:
+    with app.sessions() as s:
+        return list(s.scalars(select(OutboxRow).order_by(OutboxRow.id)))
+
+
+async def test_temporary_failure_is_retried_after_backoff(
+    app: App, sink: SmtpSink, clock: Any
+) -> None:
+    sink.fail_next(2, 451)  # the ack and the notification both fail once
+    await send(port(app), make_mail("Retry me"))
+    assert app.outbox is not None
+    await app.outbox.drain()
+    rows = outbox(app)
+    assert [r.state for r in rows] == ["pending", "pending"]
+    assert all(r.attempts == 1 and r.last_error and "451" in r.last_error for r in rows)
+    assert all(r.next_attempt_at > clock.now for r in rows)
+    assert sink.messages == []
+    # Not due yet: nothing is attempted.
+    assert await app.outbox.drain() == 0
+    clock.advance(seconds=app.settings.outbound.backoff_seconds * 1.3)
+    await app.outbox.drain()
+    await sink.wait_for(2)
+    assert [r.state for r in outbox(app)] == ["sent", "sent"]
+    assert [r.attempts for r in outbox(app)] == [2, 2]
+
+
+async def test_permanent_failure_is_dead_at_once(app: App, sink: SmtpSink) -> None:
+    sink.refuse("dana@users.test", 550)
+    await send(port(app), make_mail("Nobody home"))
+    assert app.outbox is not None
+    await app.outbox.drain()
+    await sink.wait_for(1)  # the agent's notification still goes out
+    ack, note = outbox(app)
+    assert (ack.kind, ack.state, ack.attempts) == ("ack", "dead", 1)
+    assert ack.last_error is not None and "550" in ack.last_error
+    assert note.state == "sent"
+
+
+async def test_dead_after_max_attempts(app: App, sink: SmtpSink, clock: Any) -> None:
+    sink.fail_next(100, 421, stage="mail")
+    await send(port(app), make_mail("Flaky smarthost"))
+    assert app.outbox is not None
+    for _ in range(app.settings.outbound.max_attempts):
+        await app.outbox.drain()
+        clock.advance(seconds=app.settings.outbound.backoff_max_seconds * 1.3)
+    rows = outbox(app)
+    assert {r.state for r in rows} == {"dead"}
+    assert {r.attempts for r in rows} == {app.settings.outbound.max_attempts}
+
+
+def test_backoff_grows_and_is_capped(settings: Settings) -> None:
+    o = settings.outbound
+    first, third = backoff(o, 1), backoff(o, 3)
+    assert 0.8 * o.backoff_seconds <= first.total_seconds() <= 1.2 * o.backoff_seconds
+    assert 3.2 * o.backoff_seconds <= third.total_seconds() <= 4.8 * o.backoff_seconds
+    assert backoff(o, 60).total_seconds() <= 1.2 * o.backoff_max_seconds
+
+
+async def test_no_resend_after_restart(
+    settings: Settings, sink: SmtpSink, clock: Any
+) -> None:
+    def transport() -> SmtpTransport:
+        return SmtpTransport("127.0.0.1", sink.port, starttls=False, username="",
+                             password="", timeout=5)
+
+    first = App(settings, clock=clock, transport=transport())
+    await first.start()
+    await send(first.channels[0].port, make_mail("Before restart"))  # type: ignore[attr-defined]
+    await sink.wait_for(2)
+    await first.stop()
+    second = App(settings, clock=clock, transport=transport())
+    await second.start()
+    assert second.outbox is not None
+    assert await second.outbox.drain() == 0
+    await second.stop()
+    assert len(sink.messages) == 2
+
+
+async def test_rows_committed_before_a_crash_are_sent_after_restart(
+    settings: Settings, sink: SmtpSink, clock: Any
+) -> None:
+    # The intake committed (so SMTP said 250) but the daemon died before delivering.
+    app = App(settings, clock=clock)
+    from gateway.message import Channel, Inbound
+
+    app.intake.ingest_now(Inbound(Channel.EMAIL, make_mail("Crash"), clock.now, "test",
+                                  "dana@users.test", ("help@helpdesk.test",)))
+    app.engine.dispose()
+    restarted = App(settings, clock=clock, transport=SmtpTransport(
+        "127.0.0.1", sink.port, starttls=False, username="", password="", timeout=5))
+    await restarted.start()
+    await sink.wait_for(2)
+    await restarted.stop()
+    assert {m.rcpt_tos[0] for m in sink.messages} == {"dana@users.test", "alice@agents.test"}
+
+
+async def test_rows_without_a_sender_are_held(app: App, clock: Any) -> None:
+    with app.sessions() as s, s.begin():
+        s.add(OutboxRow(channel="pigeon", kind="relay", to_address="x", recipients=["x"],
+                        envelope_from="help@helpdesk.test", state="pending",
+                        next_attempt_at=clock.now, created_at=clock.now,
+                        payload={"text": "hi"}))
+    assert app.outbox is not None
+    await app.outbox.drain()
+    [row] = outbox(app)
+    assert row.state == "held" and row.last_error and "pigeon" in row.last_error
+
+
+async def test_maildir_is_the_default_without_smarthost(settings: Settings, clock: Any) -> None:
+    app = App(settings, clock=clock)
+    await app.start()
+    from gateway.message import Channel, Inbound
+
+    await app.submit(Inbound(Channel.EMAIL, make_mail("To maildir"), clock.now, "test",
+                             "dana@users.test", ("help@helpdesk.test",)))
+    assert app.outbox is not None
+    await app.outbox.drain()
+    await app.stop()
+    new = settings.path(settings.outbound.maildir) / "new"
+    files = sorted(new.iterdir())
+    assert len(files) == 2
+    assert all(b"[Ticket#" in f.read_bytes() for f in files)
+
