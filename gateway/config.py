@@ -12,6 +12,7 @@ short names are accepted for the common ones (`HELPDESKD_SECRET`,
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -243,14 +244,50 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
             section[path[1]] = value
 
 
-def _format_errors(source: str, exc: ValidationError) -> str:
+_TABLE = re.compile(r"^\s*\[(\[)?\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(?:#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
+
+
+def locate(text: str, loc: tuple[int | str, ...]) -> int | None:
+    """Best-effort line number (1-based) of the key at `loc` in TOML `text`.
+
+    tomllib keeps no positions, so this walks table headers: `[a.b]` and the
+    n-th `[[a]]`, then the key inside that table. It returns the table's line
+    when the key itself is absent (a missing required key).
+    """
+    parts = [str(p) for p in loc]
+    table: list[str] = []
+    counts: dict[str, int] = {}
+    best: int | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        m = _TABLE.match(line)
+        if m:
+            name = [p.strip().strip("\"'") for p in m.group(2).split(".")]
+            if m.group(1):  # [[array]]: remember which element this is
+                key = ".".join(name)
+                counts[key] = counts.get(key, -1) + 1
+                name = [*name, str(counts[key])]
+            table = name
+            if parts[: len(table)] == table and (best is None or len(table) >= 1):
+                best = number
+            continue
+        k = _KEY.match(line)
+        if k and [*table, k.group(1).strip('"')] == parts[: len(table) + 1]:
+            return number
+    return best
+
+
+def _format_errors(source: str, exc: ValidationError, text: str | None = None) -> str:
     lines = [f"{source}: invalid configuration:"]
     for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        loc = tuple(err["loc"])
+        where = ".".join(str(part) for part in loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {loc}: {msg}")
+        line = locate(text, loc) if text is not None and loc else None
+        prefix = f"{source}:{line}: " if line is not None else "  "
+        lines.append(f"{prefix}{where}: {msg}")
     return "\n".join(lines)
 
 
@@ -260,6 +297,7 @@ def parse_settings(
     source: str = "<config>",
     base_dir: Path = Path("."),
     environ: Mapping[str, str] | None = None,
+    text: str | None = None,
 ) -> Settings:
     """Validate an already-parsed TOML mapping (plus environment overrides)."""
     merged: dict[str, Any] = {
@@ -270,20 +308,20 @@ def parse_settings(
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(source, exc)) from None
+        raise ConfigError(_format_errors(source, exc, text)) from None
 
 
 def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate the configuration file at `path`."""
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_settings(
-        data, source=str(path), base_dir=path.absolute().parent, environ=environ
+        data, source=str(path), base_dir=path.absolute().parent, environ=environ, text=text
     )
 
 
