@@ -29,8 +29,9 @@ DEFAULTS = Path(__file__).resolve().parent / "defaults"
 
 
 def _load(args: argparse.Namespace) -> Settings:
-    path = Path(args.config) if args.config else default_config_path()
-    if not path.exists() and not args.config and "HELPDESKD_CONFIG" not in _env():
+    given = getattr(args, "config", None)
+    path = Path(given) if given else default_config_path()
+    if not path.exists() and not given and "HELPDESKD_CONFIG" not in _env():
         # Embedded defaults: the shipped demo config, relative to the current directory.
         settings = load_settings(DEFAULTS / "helpdeskd.toml")
         return settings.model_copy(update={"base_dir": Path.cwd()})
@@ -359,7 +360,9 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH",
+    # SUPPRESS: `helpdeskd --config X run` and `helpdeskd run --config X` both work; a
+    # sub-command's unset option must not overwrite the top-level one with None.
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help="configuration file (default: $HELPDESKD_CONFIG or ./helpdeskd.toml)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,0 +1,212 @@
+"""SMTP ingest throughput and latency: helpdeskd on SQLite versus a bare aiosmtpd server.
+
+Starts, in separate processes, (1) `helpdeskd run` on a fresh SQLite database in
+a temporary directory (outbound mail to a maildir, so acknowledgements and
+notifications are really composed, committed and written) and (2) a bare aiosmtpd
+server that only counts messages: the ceiling of this machine for the same client.
+Then, against each: N messages over K concurrent connections (messages/second,
+p50/p99 from DATA to the final reply), and a paced run at a fixed rate (p50/p99).
+
+    .venv/bin/python bench/smtp_ingest.py [--messages 2000] [--concurrency 8] [--rate 100]
+
+Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import aiosmtplib
+
+BARE_SERVER = """
+import asyncio, sys
+from aiosmtpd.smtp import SMTP
+class Count:
+    n = 0
+    async def handle_DATA(self, server, session, envelope):
+        Count.n += 1
+        return "250 OK"
+async def main():
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(Count(), loop=loop), "127.0.0.1",
+                                      int(sys.argv[1]))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def message(i: int) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = f"User {i % 50} <user{i % 50}@users.test>"
+    msg["To"] = "help@helpdesk.test"
+    msg["Subject"] = f"Benchmark request {i}: cannot access the catalogue"
+    msg["Message-ID"] = f"<bench-{i}-{time.time_ns()}@users.test>"
+    msg["Date"] = "Fri, 27 Nov 2026 10:00:00 +0000"
+    msg.set_content("Hello,\n\n" + "I cannot access the service since this morning.\n" * 20)
+    return msg.as_bytes()
+
+
+async def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            await w.wait_closed()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+async def worker(port: int, jobs: asyncio.Queue[bytes | None], latencies: list[float]) -> None:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=60)
+    await client.connect()
+    await client.ehlo()
+    while (raw := await jobs.get()) is not None:
+        await client.mail("user@users.test")
+        await client.rcpt("help@helpdesk.test")
+        t0 = time.perf_counter()
+        await client.data(raw)
+        latencies.append(time.perf_counter() - t0)
+    await client.quit()
+
+
+async def burst(port: int, n: int, k: int) -> tuple[float, list[float]]:
+    jobs: asyncio.Queue[bytes | None] = asyncio.Queue()
+    for i in range(n):
+        jobs.put_nowait(message(i))
+    for _ in range(k):
+        jobs.put_nowait(None)
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(port, jobs, latencies) for _ in range(k)))
+    return n / (time.perf_counter() - t0), latencies
+
+
+async def paced(port: int, rate: float, seconds: float) -> list[float]:
+    """Open-loop load: a new message every 1/rate s on a pool of connections."""
+    n = int(rate * seconds)
+    jobs: asyncio.Queue[bytes | None] = asyncio.Queue()
+    latencies: list[float] = []
+    workers = [asyncio.create_task(worker(port, jobs, latencies)) for _ in range(16)]
+    start = time.perf_counter()
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        jobs.put_nowait(message(100_000 + i))
+    for _ in workers:
+        jobs.put_nowait(None)
+    await asyncio.gather(*workers)
+    return latencies
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p / 100 * len(values)))] * 1000
+
+
+def write_config(directory: Path, port: int) -> Path:
+    (directory / "rules").mkdir()
+    (directory / "rules" / "10.yaml").write_text(
+        "rules:\n  - name: catalogue\n    when: {subject: {contains: catalogue}}\n"
+        "    then: {group: Catalogue Support}\n")
+    config = directory / "helpdeskd.toml"
+    config.write_text(f"""
+[daemon]
+data_dir = "var"
+secret = "bench-secret-0123456789"
+log_level = "WARNING"
+message_id_domain = "helpdesk.test"
+[smtp]
+port = {port}
+[outbound]
+maildir = "var/outbound"
+auto_mail_per_hour = 1000000
+[[inbound]]
+address = "help@helpdesk.test"
+default_group = "First Line"
+[[agents]]
+address = "alice@agents.test"
+[[agents]]
+address = "bob@agents.test"
+[[groups]]
+name = "First Line"
+agents = ["alice@agents.test"]
+[[groups]]
+name = "Catalogue Support"
+agents = ["bob@agents.test"]
+""")
+    return config
+
+
+async def measure(label: str, port: int, args: argparse.Namespace) -> dict[str, float]:
+    await wait_port(port)
+    await burst(port, 50, 2)  # warm-up
+    rate, lat = await burst(port, args.messages, args.concurrency)
+    paced_lat = await paced(port, args.rate, args.seconds)
+    result = {
+        "msgs_per_s": rate, "burst_p50_ms": pct(lat, 50), "burst_p99_ms": pct(lat, 99),
+        f"paced_{args.rate:g}_p50_ms": pct(paced_lat, 50),
+        f"paced_{args.rate:g}_p99_ms": pct(paced_lat, 99),
+    }
+    print(f"{label:<28} {rate:8.1f} msg/s   burst p50 {result['burst_p50_ms']:6.1f} ms "
+          f"p99 {result['burst_p99_ms']:6.1f} ms   at {args.rate:g}/s p50 "
+          f"{pct(paced_lat, 50):6.1f} ms p99 {pct(paced_lat, 99):6.1f} ms", flush=True)
+    return result
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    print(f"{args.messages} messages over {args.concurrency} connections; then "
+          f"{args.rate:g} msg/s for {args.seconds:g} s; {os.cpu_count()} cores", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        bare_port, hd_port = free_port(), free_port()
+        bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port)],
+                                stdout=subprocess.DEVNULL)
+        try:
+            ceiling = await measure("bare aiosmtpd (counts only)", bare_port, args)
+        finally:
+            bare.terminate()
+            bare.wait()
+        config = write_config(Path(tmp), hd_port)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "--config", str(config), "run"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            ours = await measure("helpdeskd (SQLite, FULL sync)", hd_port, args)
+        finally:
+            daemon.terminate()
+            daemon.wait()
+        outbound = list((Path(tmp) / "var" / "outbound" / "new").glob("*"))
+        print(f"helpdeskd wrote {len(outbound)} outbound messages to its maildir")
+    print(f"ratio: {ours['msgs_per_s'] / ceiling['msgs_per_s']:.0%} of the bare server's rate")
+    print(json.dumps({"bare": ceiling, "helpdeskd": ours}, indent=1))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
