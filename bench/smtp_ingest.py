@@ -125,7 +125,7 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p / 100 * len(values)))] * 1000
 
 
-def write_config(directory: Path, port: int) -> Path:
+def write_config(directory: Path, port: int, smarthost_port: int | None = None) -> Path:
     (directory / "rules").mkdir()
     (directory / "rules" / "10.yaml").write_text(
         "rules:\n  - name: catalogue\n    when: {subject: {contains: catalogue}}\n"
@@ -142,6 +142,7 @@ port = {port}
 [outbound]
 maildir = "var/outbound"
 auto_mail_per_hour = 1000000
+{f'smarthost = "127.0.0.1"' + chr(10) + f'port = {smarthost_port}' if smarthost_port else ''}
 [[inbound]]
 address = "help@helpdesk.test"
 default_group = "First Line"

@@ -16,14 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.channels import Channel
+from gateway.channels.imap import ImapChannel
 from gateway.channels.smtp import SmtpChannel
 from gateway.config import Settings
 from gateway.followup import Hooks
+from gateway.http import HttpServer
 from gateway.intake import Intake, utcnow
 from gateway.mail.transport import Transport, make_transport
 from gateway.message import Inbound
 from gateway.notify import Notifier, Templates
-from gateway.outbox import EmailSender, OutboxWorker, Sender
+from gateway.outbox import Delivery, EmailSender, OutboxWorker, Sender, release_held
 from gateway.pipeline import Disposition, Outcome, Pipeline
 from gateway.routing import RuleReloader
 from gateway.store.db import make_engine, make_sessionmaker, migrate
@@ -63,6 +65,9 @@ class App:
         self.senders: dict[str, Sender] = {}
         self.outbox: OutboxWorker | None = None
         self.channels: list[Channel] = []
+        # The daemon's own HTTP server; listens only if a feature registered a route.
+        self.http = HttpServer(settings.http)
+        self._telegram: Any = None  # the TelegramSender (owns the bots' HTTP clients)
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -------------------------------------------------------------------
@@ -73,12 +78,18 @@ class App:
         self._transport = transport
         self.senders["email"] = EmailSender(transport)
         self.outbox = OutboxWorker(self.sessions, self.senders, self.settings.outbound,
-                                   self.clock)
+                                   self.clock, on_failure=self._delivery_failed)
         self.intake.start()
         if self.settings.smtp.enabled:
             self.channels.append(SmtpChannel(self.settings, self.submit))
+        for mailbox in self.settings.imap:
+            # One task per mailbox: a failing mailbox never holds up the others.
+            self.channels.append(ImapChannel(self.settings, mailbox, self.submit, self.sessions))
+        if self.settings.telegram:
+            self._start_telegram()
         for channel in self.channels:
             await channel.start()
+        await self.http.start()
         if self.run_outbox:
             self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
         self._tasks.append(asyncio.create_task(self.rules.watch(), name="rules:watch"))
@@ -86,9 +97,16 @@ class App:
     async def stop(self) -> None:
         for channel in reversed(self.channels):
             await channel.stop()
+        await self.http.stop()
         await self.intake.stop()
         if self.outbox is not None:
-            # One last pass so what was just committed is not left waiting for a restart.
+            # Let a delivery round in progress finish (a cancelled send would sit out its
+            # lease), then one last pass so what was just committed is not left waiting.
+            self.outbox.stop()
+            worker = [t for t in self._tasks if t.get_name() == "outbox"]
+            if worker:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(worker[0]), timeout=30)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.outbox.drain(), timeout=10)
         for task in self._tasks:
@@ -99,7 +117,33 @@ class App:
         self._tasks.clear()
         if self._transport is not None:
             await self._transport.close()
+        if self._telegram is not None:
+            await self._telegram.close()
         self.engine.dispose()
+
+    def _start_telegram(self) -> None:
+        # Imported here: a mail-only daemon (and the CLI) need not load python-telegram-bot.
+        from gateway.channels.telegram import TelegramChannel, TelegramSender, make_bot
+
+        bots = {b.name: make_bot(self.settings, b) for b in self.settings.telegram}
+        self._telegram = TelegramSender(self.sessions, bots)
+        self.senders["telegram"] = self._telegram
+        # Chat rows written while no bot was configured wait as "held"; send them now.
+        release_held(self.sessions, {"telegram"})
+        for handle in bots.values():
+            self.channels.append(TelegramChannel(self.settings, handle, self.submit, self.http))
+
+    def _delivery_failed(self, item: Delivery, error: str, dead: bool) -> None:
+        """Outbox worker thread: a row went dead. For a chat, the ticket gets an internal note."""
+        if item.channel != "telegram" or not dead:
+            return
+        from gateway import chat
+
+        try:
+            with self.sessions() as session, session.begin():
+                chat.delivery_failed(self.notifier, session, item, error, self.clock())
+        except Exception:
+            log.exception("outbox: row %d: could not record the failed delivery", item.id)
 
     async def submit(self, inbound: Inbound) -> Disposition:
         result = await self.intake.submit(inbound)

@@ -86,13 +86,16 @@ class Notifier:
     def _rate_limited(self, session: Session, address: str, now: dt.datetime) -> bool:
         limit = self.settings.outbound.auto_mail_per_hour
         since = now - dt.timedelta(hours=1)
-        count = session.scalar(
-            select(func.count(OutboxRow.id)).where(
-                OutboxRow.to_address == address,
-                OutboxRow.automatic.is_(True),
-                OutboxRow.created_at > since,
+        # No autoflush: earlier messages' rows were flushed when their savepoints closed,
+        # and flushing this message's half-built rows here would cost a round of SQL.
+        with session.no_autoflush:
+            count = session.scalar(
+                select(func.count(OutboxRow.id)).where(
+                    OutboxRow.to_address == address,
+                    OutboxRow.automatic.is_(True),
+                    OutboxRow.created_at > since,
+                )
             )
-        )
         return (count or 0) >= limit
 
     def enqueue(
@@ -186,10 +189,17 @@ class Notifier:
         now: dt.datetime,
         *,
         agents: Iterable[str] | None = None,
+        attach: bool = False,
         **context: Any,
     ) -> list[OutboxRow]:
-        """B7: one notification per agent, each with its own tokened Reply-To."""
+        """B7: one notification per agent, each with its own tokened Reply-To.
+
+        `attach`: carry the article's files (chat channels, where the agent has no
+        other way to see what the customer sent).
+        """
         rows: list[OutboxRow] = []
+        files = (tuple(_attachment(a) for a in article.attachments)
+                 if attach and article is not None else ())
         names = [a.filename for a in article.attachments] if article is not None else []
         hook = self.hooks.format(ticket.number)
         text = self.templates.render(
@@ -210,6 +220,7 @@ class Notifier:
                 in_reply_to=refs[-1] if refs else None,
                 references=refs,
                 auto_submitted="auto-generated",
+                attachments=files,
             )
             row = self.enqueue(session, ticket, "notify", out, now=now, automatic=False)
             if row is not None:
@@ -229,6 +240,17 @@ class Notifier:
         now: dt.datetime,
     ) -> OutboxRow | None:
         """B14: an agent's words to the customer, from the inbound address, no token."""
+        if ticket.channel == "telegram" and ticket.channel_ref:
+            # The customer is a chat, not a mailbox: the words go back to that chat.
+            text = self.templates.render(
+                "telegram_relay.txt", text=article.body, agent_name=agent_name,
+                helpdesk=self.helpdesk, hook=self.hooks.format(ticket.number),
+            )
+            return self.enqueue_chat(
+                session, ticket, "relay", bot=str(ticket.channel_ref["bot"]),
+                chat_id=int(ticket.channel_ref["chat_id"]), text=text,
+                attachments=article.attachments, automatic=False, now=now,
+            )
         text = self.templates.render(
             "relay.txt", text=article.body, agent_name=agent_name, helpdesk=self.helpdesk,
             hook=self.hooks.format(ticket.number),
@@ -247,6 +269,59 @@ class Notifier:
             attachments=tuple(_attachment(a) for a in article.attachments),
         )
         return self.enqueue(session, ticket, "relay", out, now=now, automatic=False)
+
+    def enqueue_chat(
+        self,
+        session: Session,
+        ticket: Ticket | None,
+        kind: str,
+        *,
+        bot: str,
+        chat_id: int,
+        text: str,
+        attachments: Sequence[Any] = (),
+        automatic: bool,
+        now: dt.datetime,
+    ) -> OutboxRow | None:
+        """Store a chat message for delivery by the channel's sender (outbox `payload`).
+
+        Files are referenced by their blob's SHA-256, not copied. What the bot says
+        by itself (`automatic`) shares the per-recipient hourly cap with mail.
+        """
+        to = f"telegram:{bot}:{chat_id}"
+        if automatic and self._rate_limited(session, to, now):
+            log.warning("ticket %s: %s chat message to %s suppressed by the hourly rate limit",
+                        _num(ticket), kind, to)
+            if ticket is not None:
+                session.add(_event(ticket, now, "system", "mail-suppressed",
+                                   {"kind": kind, "to": to}))
+            return None
+        bot_settings = self.settings.telegram_bot(bot)
+        sender = (ticket.inbound_address if ticket is not None
+                  else bot_settings.inbound_address if bot_settings is not None else "")
+        row = OutboxRow(
+            ticket_id=ticket.id if ticket is not None else None,
+            channel="telegram",
+            kind=kind,
+            to_address=to,
+            recipients=[to],
+            envelope_from=sender,
+            message_id=None,
+            raw=None,
+            payload={
+                "bot": bot, "chat_id": chat_id, "text": text,
+                "attachments": [{"sha256": a.sha256, "filename": a.filename,
+                                 "content_type": a.content_type, "size": a.size}
+                                for a in attachments],
+            },
+            state="pending",
+            automatic=automatic,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+        session.add(row)
+        return row
 
     def command_error(
         self,
@@ -276,6 +351,67 @@ class Notifier:
             auto_submitted="auto-replied",
         )
         return self.enqueue(session, ticket, "error", out, now=now, automatic=True)
+
+    def sla_mail(
+        self,
+        session: Session,
+        ticket: Ticket,
+        template: str,
+        recipients: Sequence[str],
+        *,
+        kind: str,
+        subject_prefix: str,
+        now: dt.datetime,
+        not_before: dt.datetime | None = None,
+        to_customer: bool = False,
+        **context: Any,
+    ) -> list[OutboxRow]:
+        """Escalation mail (issue 6): warnings, breaches, reminders, incident notices.
+
+        One message per recipient. Staff get a tokened Reply-To, so they can act on
+        the ticket by answering; the customer gets what an acknowledgement looks
+        like (capped per hour like it), on the chat when the ticket came from one.
+        `not_before` holds the row until then: the receiving group's business hours.
+        """
+        text = self.templates.render(
+            template, ticket=ticket, hook=self.hooks.format(ticket.number),
+            helpdesk=self.helpdesk, **context,
+        )
+        subject = self.hooks.subject(ticket.number, ticket.subject, prefix=subject_prefix)
+        rows: list[OutboxRow] = []
+        for address in dict.fromkeys(a.lower() for a in recipients):
+            row: OutboxRow | None
+            if to_customer and ticket.channel == "telegram" and ticket.channel_ref:
+                row = self.enqueue_chat(
+                    session, ticket, kind, bot=str(ticket.channel_ref["bot"]),
+                    chat_id=int(ticket.channel_ref["chat_id"]), text=text, automatic=True,
+                    now=now,
+                )
+            elif to_customer:
+                out = Outbound(
+                    sender=self._sender(ticket),
+                    to=(Address(address, ticket.customer_name
+                                if address == ticket.customer else ""),),
+                    subject=subject, text=text, auto_submitted="auto-generated",
+                )
+                row = self.enqueue(session, ticket, kind, out, now=now, automatic=True)
+            else:
+                agent = self.settings.agent(address)
+                token = make_token(self.secret, ticket.number, address)
+                out = Outbound(
+                    sender=self._sender(ticket),
+                    to=(Address(address, agent.name if agent else ""),),
+                    subject=subject, text=text,
+                    reply_to=Address(reply_address(ticket.inbound_address, ticket.number,
+                                                   token), self.helpdesk),
+                    auto_submitted="auto-generated",
+                )
+                row = self.enqueue(session, ticket, kind, out, now=now, automatic=False)
+            if row is not None:
+                if not_before is not None and not_before > now:
+                    row.next_attempt_at = not_before
+                rows.append(row)
+        return rows
 
 
 def _refs(article: Article | None) -> tuple[str, ...]:

@@ -49,6 +49,18 @@ class Delivery:
     attempts: int
 
 
+class RetryLater(DeliveryError):
+    """A temporary failure whose far side said when to come back (Telegram's 429 RetryAfter).
+
+    The row is rescheduled for exactly then and the attempt is not counted: being
+    told to slow down says nothing about whether the message can be delivered.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, permanent=False)
+        self.retry_after = retry_after
+
+
 class Sender(Protocol):
     """Delivers one row on its channel; raises DeliveryError on failure."""
 
@@ -87,15 +99,22 @@ class OutboxWorker:
         self.on_failure = on_failure
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
 
     def wake(self) -> None:
         """Thread-safe: there may be new rows to send."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
+    def stop(self) -> None:
+        """Ask `run` to return after the delivery round in progress (never mid-send)."""
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        while True:
+        self._stopping = False
+        while not self._stopping:
             self._wake.clear()
             try:
                 await self.drain()
@@ -103,6 +122,8 @@ class OutboxWorker:
             except Exception:
                 log.exception("outbox: worker iteration failed; retrying in 5 s")
                 delay = 5.0
+            if self._stopping:
+                return
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
             except TimeoutError:
@@ -171,6 +192,12 @@ class OutboxWorker:
                 elif result == "held":
                     row.state = "held"
                     row.last_error = f"no sender for channel {row.channel!r}"
+                elif isinstance(result, RetryLater):
+                    row.state = "pending"
+                    row.last_error = str(result)[:2000]
+                    row.next_attempt_at = now + dt.timedelta(seconds=result.retry_after)
+                    log.warning("outbox: row %d to %s: asked to retry after %.0f s",
+                                row.id, row.to_address, result.retry_after)
                 else:
                     assert isinstance(result, DeliveryError)
                     row.attempts += 1

@@ -33,7 +33,7 @@ from gateway.followup import (
 )
 from gateway.mail import auto
 from gateway.mail.parse import ParseError, parse_mail
-from gateway.message import Address, Inbound, ParsedMail
+from gateway.message import Address, Channel, Inbound, ParsedMail
 from gateway.notify import Notifier
 from gateway.routing import Decision, RoutingFacts, RuleReloader
 from gateway.store.models import (
@@ -62,6 +62,7 @@ class Outcome(enum.StrEnum):
     LOOP = "loop"
     IGNORED = "ignored"  # unmatched delivery report
     QUARANTINED = "quarantined"
+    COMMAND = "command"  # a chat command answered (/start, /status, /close, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,11 @@ class Pipeline:
     # -- entry point ---------------------------------------------------------------
 
     def ingest(self, session: Session, inbound: Inbound, now: dt.datetime) -> Disposition:
+        if inbound.channel is Channel.TELEGRAM:
+            # Chat updates take their own path (gateway.chat), reusing the steps below.
+            from gateway import chat
+
+            return chat.ingest(self, session, inbound, now)
         with stage("parse"):
             mail = parse_mail(inbound.raw)
         mid = mail.message_id
@@ -285,16 +291,7 @@ class Pipeline:
             "inbound": address, "automatic": list(info.reasons),
             "linked": linked.number if linked is not None else None,
         }))
-        session.add(Event(ticket=ticket, at=now, actor="routing", kind="routed", data={
-            "group": group, "priority": ticket.priority, "tags": ticket.tags,
-            # Hits with what they did; misses are only counted (`rules explain` shows them).
-            "trail": [
-                {"rule": e.rule, "source": e.source, "detail": e.detail, "effect": e.effect}
-                for e in decision.trail if e.matched
-            ],
-            "evaluated": len(decision.trail),
-            "default": decision.group is None,
-        }))
+        session.add(routed_event(ticket, decision, now))
         self.changed(session, ticket, "created", now)
         if not info.is_automatic and not self.notifier.is_own(ticket.customer):
             self.notifier.acknowledge(session, ticket, article, now)
@@ -373,7 +370,7 @@ class Pipeline:
         self, session: Session, ticket: Ticket, mail: ParsedMail, *, customer: bool
     ) -> None:
         """B5: customer plus To/Cc, minus our own addresses and agents; never Bcc."""
-        existing = set(session.scalars(
+        existing: set[str] = set() if customer else set(session.scalars(
             select(Participant.address).where(Participant.ticket_id == ticket.id)
         ))
         wanted: list[tuple[str, str, str]] = []
@@ -421,6 +418,8 @@ class Pipeline:
             automatic=info.is_automatic,
             raw=inbound.raw,
             created_at=now,
+            # Initialised here so reading it later is not a lazy SELECT.
+            attachments=[],
         )
         session.add(article)
         for att in mail.attachments:
@@ -436,6 +435,20 @@ class Pipeline:
                                   direction="in", created_at=now))
         session.flush()
         return article
+
+
+def routed_event(ticket: Ticket, decision: Decision, now: dt.datetime) -> Event:
+    """The audit event of a new ticket's routing (its group is already set)."""
+    return Event(ticket=ticket, at=now, actor="routing", kind="routed", data={
+        "group": ticket.group, "priority": ticket.priority, "tags": ticket.tags,
+        # Hits with what they did; misses are only counted (`rules explain` shows them).
+        "trail": [
+            {"rule": e.rule, "source": e.source, "detail": e.detail, "effect": e.effect}
+            for e in decision.trail if e.matched
+        ],
+        "evaluated": len(decision.trail),
+        "default": decision.group is None,
+    })
 
 
 def _with_fallback_sender(mail: ParsedMail, inbound: Inbound) -> ParsedMail:
@@ -459,7 +472,8 @@ def next_ticket_number(session: Session, now: dt.datetime) -> str:
     for _ in range(3):
         value = session.scalar(
             update(Counter).where(Counter.name == name)
-            .values(value=Counter.value + 1).returning(Counter.value)
+            .values(value=Counter.value + 1).returning(Counter.value),
+            execution_options={"synchronize_session": False},
         )
         if value is not None:
             return f"{day}{value:05d}"

@@ -91,16 +91,28 @@ class Ticket(Base):
     solution_due: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     next_escalation_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
     escalation_level: Mapped[int] = mapped_column(Integer, default=0)
+    # SLA clock state (migration 0003_sla; gateway.escalation.sla explains each):
+    # the SLA in force, when the ticket entered its group (the clocks' origin), the
+    # pause spans [[start, end|null], ...] as ISO strings, alarms fired per cycle.
+    sla_name: Mapped[str | None] = mapped_column(String(64))
+    sla_started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    sla_pauses: Mapped[list[list[str | None]] | None] = mapped_column(JSON)
+    sla_fired: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    unanswered_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_agent_reply_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # `#pending <time>`: remind the owner then.
+    pending_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Declared a major incident (by #major or a rule tag) at this instant.
+    major_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
-    articles: Mapped[list[Article]] = relationship(
-        back_populates="ticket", order_by="Article.id", cascade="all, delete-orphan"
-    )
+    # Read-only views: rows are attached through their own `ticket` side. A two-way
+    # relationship would load the whole collection on every append (one SELECT per
+    # event/article written), which dominated ingest time. Deletion cascades in SQL.
+    articles: Mapped[list[Article]] = relationship(order_by="Article.id", viewonly=True)
     participants: Mapped[list[Participant]] = relationship(
-        back_populates="ticket", order_by="Participant.id", cascade="all, delete-orphan"
+        order_by="Participant.id", viewonly=True
     )
-    events: Mapped[list[Event]] = relationship(
-        back_populates="ticket", order_by="Event.id", cascade="all, delete-orphan"
-    )
+    events: Mapped[list[Event]] = relationship(order_by="Event.id", viewonly=True)
 
 
 class Participant(Base):
@@ -117,7 +129,7 @@ class Participant(Base):
     # Set when a delivery status notification reported a permanent failure.
     bouncing: Mapped[str | None] = mapped_column(Text)
 
-    ticket: Mapped[Ticket] = relationship(back_populates="participants")
+    ticket: Mapped[Ticket] = relationship()
 
 
 class Article(Base):
@@ -146,7 +158,7 @@ class Article(Base):
     raw: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
-    ticket: Mapped[Ticket] = relationship(back_populates="articles")
+    ticket: Mapped[Ticket] = relationship()
     attachments: Mapped[list[Attachment]] = relationship(
         back_populates="article", order_by="Attachment.id", cascade="all, delete-orphan"
     )
@@ -205,7 +217,7 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(64))
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
-    ticket: Mapped[Ticket] = relationship(back_populates="events")
+    ticket: Mapped[Ticket] = relationship()
 
 
 class OutboxRow(Base):
@@ -268,3 +280,49 @@ class Counter(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger)
+
+
+class ImapState(Base):
+    """Per [[imap]] mailbox: how far ingest got (RFC 3501 UIDs) and the mailbox's health.
+
+    `last_uid` is the highest UID whose message is committed, `acked_uid` the highest
+    one moved or flagged; between them lie messages to acknowledge after a crash
+    (`pending_quarantine` lists those that go to the quarantine folder). UIDs mean
+    nothing under another UIDVALIDITY or `source` (server, user, folder).
+    """
+
+    __tablename__ = "imap_state"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(1000), default="")
+    uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    acked_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    pending_quarantine: Mapped[list[int]] = mapped_column(JSON, default=list)
+    connected: Mapped[bool] = mapped_column(default=False)
+    mode: Mapped[str] = mapped_column(String(16), default="")  # idle | poll | ""
+    ingested: Mapped[int] = mapped_column(BigInteger, default=0)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_success_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class IncidentReview(Base):
+    """A major incident's review record: written when the ticket closes (migration 0003_sla).
+
+    `timeline` is every event and article of the ticket in order, frozen at closing
+    (a reopened and closed again incident gets a second record).
+    """
+
+    __tablename__ = "incident_reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(
+        ForeignKey("tickets.id", ondelete="CASCADE"), index=True
+    )
+    major_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    closed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    timeline: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
