@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,7 +141,7 @@ port = {port}
 [outbound]
 maildir = "var/outbound"
 auto_mail_per_hour = 1000000
-{f'smarthost = "127.0.0.1"' + chr(10) + f'port = {smarthost_port}' if smarthost_port else ''}
+{'smarthost = "127.0.0.1"' + chr(10) + f'port = {smarthost_port}' if smarthost_port else ''}
 [[inbound]]
 address = "help@helpdesk.test"
 default_group = "First Line"

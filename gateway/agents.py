@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -24,6 +24,9 @@ from gateway.mail.quotes import strip_reply
 from gateway.message import Inbound, ParsedMail
 from gateway.notify import Notifier
 from gateway.store.models import Article, Event, MessageId, Participant, Ticket
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Disposition
 
 log = logging.getLogger(__name__)
 security = logging.getLogger("gateway.security")
@@ -51,7 +54,7 @@ class AgentReplies:
         info: AutoInfo,
         now: dt.datetime,
         store_article: StoreArticle,
-    ) -> Any:
+    ) -> Disposition:
         from gateway.pipeline import Disposition, Outcome, StageError
 
         reply = parse_reply_address(token_address)

@@ -86,8 +86,8 @@ def valid_commands() -> list[str]:
     return [f"#{name} {arg}".rstrip() + f"  - {desc}" for name, (arg, desc) in COMMANDS.items()]
 
 
-def parse_until(arg: str) -> dt.datetime | None:
-    """`#pending` argument: a date or date and time (UTC), or None when absent."""
+def parse_until(arg: str) -> dt.datetime:
+    """`#pending` argument: a date or date and time (UTC); ValueError when it is neither."""
     for fmt in ("%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
         try:
             return dt.datetime.strptime(arg, fmt).replace(tzinfo=dt.UTC)

@@ -28,13 +28,21 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.escalation.calendar import CalendarSettings
+from gateway.escalation.settings import (
+    EscalationSettings,
+    MajorIncidentSettings,
+    SlaSettings,
+    reference_problems,
+)
+
 ENV_PREFIX = "HELPDESKD_"
 # Short environment names for the settings operators most often keep out of files.
 ENV_SHORTCUTS = {
     "HELPDESKD_SECRET": ("daemon", "secret"),
     "HELPDESKD_DATABASE_URL": ("daemon", "database_url"),
 }
-DEFAULT_SECRET = "change-me-to-a-long-random-string"
+DEFAULT_SECRET = "change-me-to-a-long-random-string"  # noqa: S105 - the demo value
 
 
 class ConfigError(Exception):
@@ -140,11 +148,173 @@ class GroupSettings(_Section):
     name: str
     agents: tuple[str, ...] = ()
     escalate_to: str | None = None
+    # Escalation (docs/escalation.md): business hours, SLA per priority, who hears of a
+    # breach, what a breach does, and the reminders while waiting for the customer.
+    calendar: str | None = None
+    sla: str | None = None
+    sla_by_priority: dict[str, str] = Field(default_factory=dict)
+    leads: tuple[str, ...] = ()
+    breach_move: bool = True
+    breach_raise_priority: bool = False
+    escalation_mail_anytime: bool = False
+    waiting_reminder_days: int = Field(default=5, ge=0, le=365)
+    waiting_second_reminder_days: int = Field(default=5, ge=0, le=365)
+    waiting_close_days: int = Field(default=5, ge=0, le=365)
 
-    @field_validator("agents")
+    @field_validator("agents", "leads")
     @classmethod
     def _agents(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_normalise_address(v) for v in value)
+
+
+class HttpSettings(_Section):
+    """[http]: the daemon's own HTTP server (Telegram webhooks; later the web form).
+
+    It starts only when some feature registers a route on it.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+_BOT_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+# Telegram's rule for setWebhook's secret_token: 1-256 of A-Z, a-z, 0-9, _ and -.
+_WEBHOOK_SECRET = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+
+
+class TelegramSettings(_Section):
+    """[[telegram]]: one Telegram bot, the inbound address it stands for, and how it listens.
+
+    The token comes from `token`, from `token_file`, or from the environment as
+    `HELPDESKD_TELEGRAM__<NAME>__TOKEN`, never from more than one of them.
+    """
+
+    # Short, stable id: used in logs, outbox rows, dedup keys and the webhook path.
+    name: str = Field(pattern=_BOT_NAME)
+    token: SecretStr = SecretStr("")
+    token_file: Path | None = None
+    # A configured [[inbound]] address: the From of this bot's agent notifications,
+    # and the base of the agents' tokened reply addresses.
+    inbound_address: str
+    # Group of new tickets no rule routes; default: the inbound address's default group.
+    default_group: str | None = None
+    mode: Literal["polling", "webhook"] = "polling"
+    # Webhook mode: the public URL Telegram posts to (it must reach [http] at webhook_path).
+    webhook_url: str = ""
+    webhook_path: str = ""
+    webhook_secret: SecretStr = SecretStr("")
+    allow_groups: bool = False
+    # Bot API endpoints; tests point these at a loopback stand-in.
+    base_url: str = "https://api.telegram.org/bot"
+    base_file_url: str = "https://api.telegram.org/file/bot"
+    poll_timeout: int = Field(default=50, ge=0, le=600)
+    # Telegram's getFile refuses files over 20 MB.
+    max_download_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    # Pacing of what the bot sends: Telegram allows about one message per second in
+    # one chat and 30 per second overall before it answers 429.
+    chat_interval_seconds: float = Field(default=1.0, ge=0)
+    bot_interval_seconds: float = Field(default=1 / 30, ge=0)
+
+    @field_validator("inbound_address")
+    @classmethod
+    def _norm(cls, value: str) -> str:
+        return _normalise_address(value)
+
+    @property
+    def route(self) -> str:
+        """The path of this bot's webhook on the daemon's HTTP server."""
+        return self.webhook_path or f"/telegram/{self.name}"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TelegramSettings:
+        if self.token.get_secret_value() and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        if not self.token.get_secret_value() and self.token_file is None:
+            raise ValueError(f"no token: set token_file or HELPDESKD_TELEGRAM__"
+                             f"{self.name.upper()}__TOKEN")
+        if self.mode == "webhook":
+            if not self.webhook_url.startswith(("https://", "http://")):
+                raise ValueError("mode webhook needs webhook_url (the public URL)")
+            if not _WEBHOOK_SECRET.match(self.webhook_secret.get_secret_value()):
+                raise ValueError("mode webhook needs webhook_secret: 1-256 characters "
+                                 "of A-Z, a-z, 0-9, _ and -")
+        if self.webhook_path and not self.webhook_path.startswith("/"):
+            raise ValueError("webhook_path must start with /")
+        return self
+
+
+class ImapSettings(_Section):
+    """[[imap]]: one mailbox the daemon drains, standing for one [[inbound]] address.
+
+    The password comes from `password`, from `password_file` (read at each
+    connect), or from the environment as `HELPDESKD_IMAP__<NAME>__PASSWORD`.
+    Mail is never deleted: after its commit a message is moved to `done_folder`
+    (`after = "move"`) or flagged \\Seen and kept (`after = "flag"`); what the
+    pipeline quarantines is moved to `quarantine_folder` in both modes.
+    """
+
+    # Short, stable id: logs, `helpdeskd status`, and the key of the stored UID position.
+    name: str = Field(pattern=_BOT_NAME)
+    # The [[inbound]] address this mailbox receives for: it decides the default group.
+    address: str
+    host: str
+    # Default: 993 for tls = "implicit", 143 otherwise.
+    port: int | None = Field(default=None, ge=1, le=65535)
+    tls: Literal["implicit", "starttls", "plain"] = "implicit"
+    # Plain-text IMAP sends the password in clear; refused unless this says so.
+    allow_plaintext: bool = False
+    # CA bundle for a server certificate no system CA signed (a private CA).
+    ca_file: Path | None = None
+    user: str
+    password: SecretStr = SecretStr("")
+    password_file: Path | None = None
+    folder: str = "INBOX"
+    after: Literal["move", "flag"] = "move"
+    done_folder: str = "Processed"
+    quarantine_folder: str = "Quarantine"
+    # Use IDLE when the server offers it; false polls even then (for broken IDLE).
+    idle: bool = True
+    poll_interval_seconds: float = Field(default=60.0, gt=0)
+    # RFC 2177: servers may drop a client idle for 30 minutes; re-issue IDLE before 29.
+    idle_restart_seconds: float = Field(default=1500.0, gt=0, lt=29 * 60)
+    # A backlog is fetched at most batch_size messages and batch_bytes octets at a time.
+    batch_size: int = Field(default=50, ge=1, le=1000)
+    batch_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    # Larger messages are not fetched; they are moved to quarantine_folder and logged.
+    max_message_size: int = Field(default=25 * 1024 * 1024, gt=0)
+    # Every IMAP command, the connect and the TLS handshake each get this long.
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    backoff_seconds: float = Field(default=1.0, gt=0)
+    backoff_max_seconds: float = Field(default=300.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _norm(cls, value: str) -> str:
+        return _normalise_address(value)
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 993 if self.tls == "implicit" else 143
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImapSettings:
+        if self.tls == "plain" and not self.allow_plaintext:
+            raise ValueError('tls = "plain" sends the password in clear; '
+                             "set allow_plaintext = true to accept that")
+        if self.password.get_secret_value() and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if not self.password.get_secret_value() and self.password_file is None:
+            raise ValueError(f"no password: set password_file or HELPDESKD_IMAP__"
+                             f"{self.name.upper().replace('-', '_')}__PASSWORD")
+        if self.quarantine_folder == self.folder:
+            raise ValueError("quarantine_folder must differ from folder")
+        if self.after == "move" and self.done_folder in (self.folder, self.quarantine_folder):
+            raise ValueError("done_folder must differ from folder and quarantine_folder")
+        if self.backoff_max_seconds < self.backoff_seconds:
+            raise ValueError("backoff_max_seconds must not be below backoff_seconds")
+        return self
 
 
 class Settings(_Section):
@@ -156,6 +326,13 @@ class Settings(_Section):
     inbound: tuple[InboundAddress, ...] = ()
     agents: tuple[AgentSettings, ...] = ()
     groups: tuple[GroupSettings, ...] = ()
+    http: HttpSettings = HttpSettings()
+    telegram: tuple[TelegramSettings, ...] = ()
+    imap: tuple[ImapSettings, ...] = ()
+    calendars: dict[str, CalendarSettings] = Field(default_factory=dict)
+    sla: dict[str, SlaSettings] = Field(default_factory=dict)
+    escalation: EscalationSettings = EscalationSettings()
+    major_incidents: MajorIncidentSettings = MajorIncidentSettings()
     # Directory the file was loaded from; relative paths are resolved against it.
     base_dir: Path = Path(".")
 
@@ -183,6 +360,55 @@ class Settings(_Section):
                 )
             if i.address in agents:
                 raise ValueError(f"inbound {i.address!r} is also an agent address")
+        return self
+
+    @model_validator(mode="after")
+    def _escalation_references(self) -> Settings:
+        problems = reference_problems(self.groups, self.calendars, self.sla, self.escalation,
+                                      self.major_incidents)
+        if problems:
+            # One line per problem: the loader prints each under the file name.
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _telegram_references(self) -> Settings:
+        names = [b.name for b in self.telegram]
+        if len(set(names)) != len(names):
+            raise ValueError("telegram bot names must be unique")
+        routes = [b.route for b in self.telegram if b.mode == "webhook"]
+        if len(set(routes)) != len(routes):
+            raise ValueError("telegram webhook paths must be unique")
+        for b in self.telegram:
+            if self.inbound_for(b.inbound_address) is None:
+                raise ValueError(f"telegram {b.name!r}: inbound_address {b.inbound_address!r} "
+                                 "is not an [[inbound]] address")
+            if b.default_group is not None and self.group(b.default_group) is None:
+                raise ValueError(f"telegram {b.name!r}: default_group {b.default_group!r} "
+                                 "is no group")
+            if b.token_file is not None and not self.path(b.token_file).is_file():
+                raise ValueError(f"telegram {b.name!r}: token_file {b.token_file} is not a file")
+        return self
+
+    @model_validator(mode="after")
+    def _imap_references(self) -> Settings:
+        names = [m.name for m in self.imap]
+        if len(set(names)) != len(names):
+            raise ValueError("imap mailbox names must be unique")
+        # Two entries draining one folder would race each other for the same messages.
+        boxes = [(m.host.lower(), m.effective_port, m.user, m.folder) for m in self.imap]
+        if len(set(boxes)) != len(boxes):
+            raise ValueError("two [[imap]] entries name the same server, user and folder")
+        inbound = {i.address for i in self.inbound}
+        for m in self.imap:
+            if m.address not in inbound:
+                raise ValueError(f"imap {m.name!r}: address {m.address!r} is not an "
+                                 "[[inbound]] address")
+            if m.password_file is not None and not self.path(m.password_file).is_file():
+                raise ValueError(f"imap {m.name!r}: password_file {m.password_file} "
+                                 "is not a file")
+            if m.ca_file is not None and not self.path(m.ca_file).is_file():
+                raise ValueError(f"imap {m.name!r}: ca_file {m.ca_file} is not a file")
         return self
 
     # -- derived views -------------------------------------------------------------
@@ -228,6 +454,24 @@ class Settings(_Section):
     def own_domains(self) -> frozenset[str]:
         return frozenset(i.address.rsplit("@", 1)[1] for i in self.inbound)
 
+    def telegram_bot(self, name: str) -> TelegramSettings | None:
+        for b in self.telegram:
+            if b.name == name:
+                return b
+        return None
+
+    def telegram_token(self, bot: TelegramSettings) -> str:
+        """The bot's token, from the file or the environment (read when needed, not logged)."""
+        if bot.token_file is not None:
+            return self.path(bot.token_file).read_text(encoding="utf-8").strip()
+        return bot.token.get_secret_value()
+
+    def imap_password(self, mailbox: ImapSettings) -> str:
+        """The mailbox's password, from the file (read at each connect) or the settings."""
+        if mailbox.password_file is not None:
+            return self.path(mailbox.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        return mailbox.password.get_secret_value()
+
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for key, value in environ.items():
@@ -237,11 +481,32 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
             path = tuple(part.lower() for part in key[len(ENV_PREFIX) :].split("__"))
         else:
             continue
+        if len(path) == 3:
+            _apply_env_to_array(data, path, value)
+            continue
         if len(path) != 2:
             continue
         section = data.setdefault(path[0], {})
         if isinstance(section, dict):
             section[path[1]] = value
+
+
+def _apply_env_to_array(data: dict[str, Any], path: tuple[str, ...], value: str) -> None:
+    """`HELPDESKD_<ARRAY>__<NAME>__<KEY>` sets `key` of the `[[array]]` entry named NAME.
+
+    Entries are matched by `name` with `-` read as `_` (shells cannot set `-` in names),
+    e.g. HELPDESKD_TELEGRAM__HELP_BOT__TOKEN for the bot `help-bot`.
+    """
+    array, name, key = path
+    entries = data.get(array)
+    if not isinstance(entries, list):
+        return
+    copied = [dict(e) if isinstance(e, dict) else e for e in entries]
+    for entry in copied:
+        if isinstance(entry, dict) and str(entry.get("name", "")).lower().replace("-", "_") == name:
+            entry[key] = value
+    # A copy: the caller's parsed TOML stays untouched.
+    data[array] = copied
 
 
 _TABLE = re.compile(r"^\s*\[(\[)?\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(?:#.*)?$")

@@ -13,6 +13,7 @@ its bookkeeping resends after the lease, with the same Message-ID.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -124,10 +125,8 @@ class OutboxWorker:
                 delay = 5.0
             if self._stopping:
                 return
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
-            except TimeoutError:
-                pass
 
     async def drain(self) -> int:
         """Deliver every row that is due now; returns how many were attempted."""

@@ -74,7 +74,8 @@ async def open_ticket(
 
 def gmail_reply(note: EmailMessage, agent: str, text: str, name: str = "Alice") -> bytes:
     quoted = "\n".join("> " + line for line in note.get_content().splitlines())
-    body = f"{text}\n\nOn Fri, 27 Nov 2026 at 10:00, EOSC Helpdesk <help@helpdesk.test> wrote:\n{quoted}\n"
+    attribution = "On Fri, 27 Nov 2026 at 10:00, EOSC Helpdesk <help@helpdesk.test> wrote:"
+    body = f"{text}\n\n{attribution}\n{quoted}\n"
     return make_mail(
         "Re: " + str(note["Subject"]), body, sender=f"{name} <{agent}>",
         to=note["Reply-To"].addresses[0].addr_spec, in_reply_to=note["Message-ID"],

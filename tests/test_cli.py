@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 from support.mailer import make_mail, send
 from support.sink import free_port
 

@@ -11,8 +11,8 @@ import datetime as dt
 from collections import Counter
 from pathlib import Path
 
-from support.corpus import CORPUS
 from sqlalchemy import func, select
+from support.corpus import CORPUS
 
 from gateway.config import Settings
 from gateway.daemon import App

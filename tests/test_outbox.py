@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-
 from sqlalchemy import select
 from support.mailer import make_mail, send
 from support.sink import SmtpSink

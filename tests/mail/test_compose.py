@@ -330,7 +330,7 @@ def test_extra_headers_are_appended_and_sanitised() -> None:
     "subject",
     [
         f"{HOOK} Grüße aus Köln",
-        f"{HOOK} Не могу войти в систему",  # noqa: RUF001
+        f"{HOOK} Не могу войти в систему",
         f"{HOOK} ログインできません",
         f"{HOOK} 🔥 fire 🔥 everywhere 🔥",
         "ä" * 300,
