@@ -318,3 +318,41 @@ async def test_unparseable_message_is_quarantined_not_lost(app: App) -> None:
         q = s.scalars(select(QuarantineRow)).one()
     assert q.stage == "parse" and q.reason
     assert q.raw.startswith(b"\x00\x01\x02")
+
+
+async def test_starttls_when_configured(tmp_path: Any, db_url: str, sink: SmtpSink,
+                                        clock: Any) -> None:
+    import ssl
+    import subprocess
+
+    from conftest import demo_config
+
+    from gateway.config import parse_settings
+    from gateway.mail.transport import SmtpTransport
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=helpdesk.test", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True)
+    data = demo_config(tmp_path, db_url, smtp={"tls_cert": str(cert), "tls_key": str(key)})
+    settings = parse_settings(data, base_dir=tmp_path, environ={})
+    app = App(settings, clock=clock, transport=SmtpTransport(
+        "127.0.0.1", sink.port, starttls=False, username="", password="", timeout=5))
+    await app.start()
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port(app), timeout=10,
+                                 tls_context=context, start_tls=False)
+        await client.connect()
+        await client.ehlo()
+        assert client.supports_extension("starttls")
+        await client.starttls()
+        assert client.transport is not None
+        assert client.transport.get_extra_info("ssl_object") is not None
+        await client.sendmail("dana@users.test", ["help@helpdesk.test"], make_mail("Over TLS"))
+        await client.quit()
+        assert count(app, Ticket) == 1
+    finally:
+        await app.stop()
