@@ -319,3 +319,42 @@ async def test_token_is_bound_to_ticket_and_agent(settings: Any) -> None:
     assert a != make_token(secret, "2026112700002", "alice@agents.test")
     assert a != make_token(secret, "2026112700001", "bob@agents.test")
     assert a == make_token(secret, "2026112700001", "ALICE@agents.test")
+
+
+async def test_attachments_of_agent_reply_go_along(app: App, sink: SmtpSink) -> None:
+    t, note = await open_ticket(app, sink)
+    msg = email.message_from_bytes(
+        gmail_reply(note, "alice@agents.test", "Here is the fixed config."),
+        policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    msg.add_attachment(b"key = value\n\x00binary", maintype="application",
+                       subtype="octet-stream", filename="fixed.conf")
+    before = len(sink.messages)
+    await reply(app, note, msg.as_bytes(), "alice@agents.test")
+    await sink.wait_for(before + 1)
+    relay = parsed(sink.messages[before].raw)
+    [att] = list(relay.iter_attachments())
+    assert att.get_filename() == "fixed.conf"
+    assert att.get_content() == b"key = value\n\x00binary"
+
+
+async def test_html_only_reply_is_stripped_of_the_quote(app: App, sink: SmtpSink) -> None:
+    t, note = await open_ticket(app, sink)
+    html = (
+        "<html><body><div>Please restart the <b>indexer</b>.</div>"
+        "<div class=\"gmail_quote\">On Fri, EOSC Helpdesk wrote:<blockquote>"
+        f"{CUSTOMER_TEXT}<br>Reply to this mail to answer the customer.</blockquote></div>"
+        "</body></html>"
+    )
+    msg = EmailMessage()
+    msg["From"] = "Alice <alice@agents.test>"
+    msg["To"] = note["Reply-To"].addresses[0].addr_spec
+    msg["Subject"] = "Re: " + str(note["Subject"])
+    msg["Message-ID"] = "<html-reply@agents.test>"
+    msg.set_content(html, subtype="html")
+    before = len(sink.messages)
+    await reply(app, note, msg.as_bytes(), "alice@agents.test")
+    await sink.wait_for(before + 1)
+    text = parsed(sink.messages[before].raw).get_content()
+    assert "Please restart the indexer." in text
+    assert CUSTOMER_TEXT not in text
