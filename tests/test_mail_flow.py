@@ -11,6 +11,7 @@ from email.message import EmailMessage
 from typing import Any
 
 import aiosmtplib
+import pytest
 from sqlalchemy import func, select
 from support.mailer import make_mail, send, send_raw_session
 from support.sink import SmtpSink
@@ -320,21 +321,29 @@ async def test_unparseable_message_is_quarantined_not_lost(app: App) -> None:
     assert q.raw.startswith(b"\x00\x01\x02")
 
 
-async def test_starttls_when_configured(tmp_path: Any, db_url: str, sink: SmtpSink,
-                                        clock: Any) -> None:
-    import ssl
+@pytest.fixture
+def tls_pair(tmp_path: Any) -> tuple[Any, Any]:
+    """A throw-away self-signed certificate and key."""
     import subprocess
-
-    from conftest import demo_config
-
-    from gateway.config import parse_settings
-    from gateway.mail.transport import SmtpTransport
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
          "-subj", "/CN=helpdesk.test", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True)
+    return cert, key
+
+
+async def test_starttls_when_configured(tmp_path: Any, db_url: str, sink: SmtpSink,
+                                        clock: Any, tls_pair: tuple[Any, Any]) -> None:
+    import ssl
+
+    from conftest import demo_config
+
+    from gateway.config import parse_settings
+    from gateway.mail.transport import SmtpTransport
+
+    cert, key = tls_pair
     data = demo_config(tmp_path, db_url, smtp={"tls_cert": str(cert), "tls_key": str(key)})
     settings = parse_settings(data, base_dir=tmp_path, environ={})
     app = App(settings, clock=clock, transport=SmtpTransport(
