@@ -19,6 +19,8 @@ from gateway.channels import Channel
 from gateway.channels.imap import ImapChannel
 from gateway.channels.smtp import SmtpChannel
 from gateway.config import Settings
+from gateway.escalation.engine import FireStats, SlaEngine
+from gateway.escalation.scheduler import EscalationScheduler
 from gateway.followup import Hooks
 from gateway.http import HttpServer
 from gateway.intake import Intake, utcnow
@@ -57,6 +59,13 @@ class App:
         self.notifier = Notifier(settings, self.templates, self.hooks)
         self.rules = RuleReloader(settings.path(settings.daemon.rules_dir), settings.group_names)
         self.pipeline = Pipeline(settings, self.rules, self.notifier, self.hooks)
+        # SLA deadlines (issue 6): recomputed inside every ticket change, fired by a timer.
+        self.sla = SlaEngine(settings, self.sessions, self.notifier)
+        self.pipeline.observers.append(self.sla)
+        self.escalation = EscalationScheduler(
+            self.sla, clock, sweep_seconds=settings.escalation.sweep_seconds,
+            on_fired=self._escalation_fired,
+        )
         self.intake = Intake(self.pipeline, self.sessions, clock=clock,
                              on_commit=self._after_commit)
         self._transport = transport
@@ -93,11 +102,14 @@ class App:
         if self.run_outbox:
             self._tasks.append(asyncio.create_task(self.outbox.run(), name="outbox"))
         self._tasks.append(asyncio.create_task(self.rules.watch(), name="rules:watch"))
+        if self.settings.escalation.enabled:
+            await self.escalation.start()
 
     async def stop(self) -> None:
         for channel in reversed(self.channels):
             await channel.stop()
         await self.http.stop()
+        await self.escalation.stop()
         await self.intake.stop()
         if self.outbox is not None:
             # Let a delivery round in progress finish (a cancelled send would sit out its
@@ -155,6 +167,13 @@ class App:
     def _after_commit(self, results: list[Disposition]) -> None:
         # Called on the intake thread right after a commit: new outbox rows may wait.
         if self.outbox is not None and any(r.outcome != Outcome.DUPLICATE for r in results):
+            self.outbox.wake()
+        # Ticket changes may have brought an SLA alarm forward.
+        self.escalation.after_commit()
+
+    def _escalation_fired(self, stats: FireStats) -> None:
+        # A firing pass wrote warnings, breaches or reminders: send what is not held.
+        if self.outbox is not None and stats.mails:
             self.outbox.wake()
 
 

@@ -79,7 +79,8 @@ class TicketObserver(Protocol):
     """Told of every ticket change inside the transaction that makes it (e.g. SLA clocks).
 
     `change` is one of: "created", "customer-message", "agent-reply" (public, relayed),
-    "state" (state changed; the ticket already has the new state), "group", "priority".
+    "state" (state changed; the ticket already has the new state), "group", "priority",
+    "major" (`#major`: declared a major incident).
     """
 
     def ticket_changed(
