@@ -1,0 +1,71 @@
+"""Configuration: validation with key paths and lines, environment overrides, no leaked secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import DEFAULTS
+from gateway.config import ConfigError, load_settings, locate, parse_settings
+
+BASE = {
+    "inbound": [{"address": "help@h.test", "default_group": "L1"}],
+    "agents": [{"address": "a@h.test"}],
+    "groups": [{"name": "L1", "agents": ["A@H.test"]}],
+}
+
+
+def test_shipped_demo_config_is_valid() -> None:
+    settings = load_settings(DEFAULTS / "helpdeskd.toml", environ={})
+    assert settings.inbound and settings.groups and settings.agents
+
+
+def test_addresses_are_normalised_and_subaddresses_resolve() -> None:
+    s = parse_settings(BASE, environ={})
+    assert s.group("L1") is not None and s.group("L1").agents == ("a@h.test",)  # type: ignore[union-attr]
+    inbound = s.inbound_for("HELP+2026112700001.abcdefghijklmnopqrst@H.TEST")
+    assert inbound is not None and inbound.address == "help@h.test"
+    assert s.inbound_for("other@h.test") is None
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"smtp": {"prot": 25}}, "smtp.prot: unknown key"),
+    ({"smtp": {"port": 70000}}, "smtp.port"),
+    ({"daemon": {"secret": "short"}}, "daemon.secret"),
+    ({"groups": [{"name": "L1", "agents": ["nobody@h.test"]}]}, "not in [[agents]]"),
+    ({"inbound": [{"address": "help@h.test", "default_group": "L9"}]}, "is no group"),
+    ({"smtp": {"tls_cert": "/x.pem"}}, "tls_cert and tls_key must be set together"),
+])
+def test_invalid_settings_are_refused(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_settings({**BASE, **change}, environ={})
+    assert message in str(err.value)
+
+
+def test_environment_overrides_secrets() -> None:
+    env = {"HELPDESKD_SECRET": "from-the-environment-123",
+           "HELPDESKD_OUTBOUND__PASSWORD": "smtp-pass-456",
+           "HELPDESKD_DATABASE_URL": "postgresql://u@db/helpdesk"}
+    s = parse_settings(BASE, environ=env)
+    assert s.daemon.secret.get_secret_value() == "from-the-environment-123"
+    assert s.outbound.password.get_secret_value() == "smtp-pass-456"
+    assert s.database_url == "postgresql://u@db/helpdesk"
+    # Secrets never show in a repr (and so in a log line).
+    assert "from-the-environment" not in repr(s) and "smtp-pass" not in repr(s)
+
+
+def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "h.toml"
+    bad.write_text("[daemon\nname = 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(bad, environ={})
+    assert str(bad) in str(err.value) and "line 1" in str(err.value)
+
+
+def test_locate_finds_keys_in_tables_and_arrays() -> None:
+    text = ('[daemon]\nname = "x"\n\n[[inbound]]\naddress = "a@b.c"\n\n'
+            '[[inbound]]\naddress = "bad"\ndefault_group = "L1"\n')
+    assert locate(text, ("daemon", "name")) == 2
+    assert locate(text, ("inbound", 1, "address")) == 8
+    assert locate(text, ("inbound", 0, "default_group")) == 4  # missing: the table's line
