@@ -50,7 +50,7 @@ def write_config(tmp_path: Path, data: dict[str, Any]) -> Path:
 
 @pytest.fixture
 def config(tmp_path: Path, db_url: str) -> Path:
-    from conftest import demo_config
+    from support.app import demo_config
 
     return write_config(tmp_path, demo_config(tmp_path, db_url))
 
@@ -221,7 +221,7 @@ def test_outbox_list(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 async def test_run_stops_cleanly_on_sigterm(tmp_path: Path, db_url: str) -> None:
-    from conftest import demo_config
+    from support.app import demo_config
 
     data = demo_config(tmp_path, db_url)
     port = free_port()

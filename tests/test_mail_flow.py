@@ -338,7 +338,7 @@ async def test_starttls_when_configured(tmp_path: Any, db_url: str, sink: SmtpSi
                                         clock: Any, tls_pair: tuple[Any, Any]) -> None:
     import ssl
 
-    from conftest import demo_config
+    from support.app import demo_config
 
     from gateway.config import parse_settings
     from gateway.mail.transport import SmtpTransport
