@@ -423,10 +423,12 @@ class Pipeline:
             attachments=[],
         )
         session.add(article)
+        added: set[str] = set()  # the same file twice in one mail is one blob
         for att in mail.attachments:
             digest = hashlib.sha256(att.data).hexdigest()
-            if session.get(Blob, digest) is None:
+            if digest not in added and session.get(Blob, digest) is None:
                 session.add(Blob(sha256=digest, size=len(att.data), data=att.data))
+            added.add(digest)
             article.attachments.append(Attachment(
                 filename=att.filename, content_type=att.content_type, sha256=digest,
                 size=len(att.data),
@@ -434,7 +436,7 @@ class Pipeline:
         if mail.message_id:
             session.add(MessageId(message_id=mail.message_id, ticket_id=ticket.id,
                                   direction="in", created_at=now))
-        session.flush()
+        # No flush here: the rows go out with the message's savepoint, batched by table.
         return article
 
 

@@ -106,3 +106,20 @@ async def test_rules_reload_in_a_running_daemon(app: App, settings: Settings) ->
     with app.sessions() as s:
         groups = list(s.scalars(select(Ticket.group).order_by(Ticket.id)))
     assert groups == ["Orders", "Orders"]
+
+
+def test_same_file_twice_in_one_mail_is_one_blob(settings: Settings, clock: Any) -> None:
+    app = App(settings, clock=clock)
+    msg = EmailMessage()
+    msg["From"] = "dana@users.test"
+    msg["To"] = "help@helpdesk.test"
+    msg["Subject"] = "twice"
+    msg.set_content("two copies attached")
+    for name in ("a.txt", "b.txt"):
+        msg.add_attachment(b"same bytes", maintype="text", subtype="plain", filename=name)
+    result = app.intake.ingest_now(inbound(msg.as_bytes(), clock.now))
+    assert result.outcome.value == "created"
+    with app.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Blob)) == 1
+        assert s.scalar(select(func.count()).select_from(Attachment)) == 2
+    app.engine.dispose()
