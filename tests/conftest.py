@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
-from support.app import BACKENDS, PG, PG_ADMIN_URL, Clock, demo_config, truncate
+from support.app import BACKENDS, PG_ADMIN_URL, Clock, demo_config, truncate
 from support.sink import SmtpSink
 
 from gateway.config import Settings, parse_settings
@@ -42,10 +42,6 @@ def pg_url() -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
-
-
-_truncate = truncate  # older name, kept for test modules that import it
-__all__ = ["PG", "Clock", "demo_config"]
 
 
 @pytest.fixture(params=BACKENDS)
