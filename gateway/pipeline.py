@@ -139,10 +139,23 @@ class Pipeline:
         with stage("parse"):
             mail = parse_mail(inbound.raw)
         mid = mail.message_id
+        # Mail without Message-ID (scripts) is deduplicated only by its channel's own id
+        # (an IMAP mailbox's UIDVALIDITY:UID), so a re-fetch after a crash is a no-op.
+        key = mid or inbound.channel_message_id
         with stage("dedup"):
-            if mid and session.get(MessageId, mid) is not None:
-                log.info("message %s: duplicate, discarded", mid)
+            if key and session.get(MessageId, key) is not None:
+                log.info("message %s: duplicate, discarded", key)
                 return Disposition(Outcome.DUPLICATE, message_id=mid)
+        result = self._ingest_mail(session, inbound, mail, now)
+        if not mid and key and result.outcome is not Outcome.QUARANTINED:
+            session.add(MessageId(message_id=key, ticket_id=None, direction="channel",
+                                  created_at=now))
+        return result
+
+    def _ingest_mail(
+        self, session: Session, inbound: Inbound, mail: ParsedMail, now: dt.datetime
+    ) -> Disposition:
+        mid = mail.message_id
         with stage("loop"):
             loop = auto.is_loop(
                 mail, loop_value=self.notifier.loop_value, own_domains=self.own_domains

@@ -123,3 +123,20 @@ def test_same_file_twice_in_one_mail_is_one_blob(settings: Settings, clock: Any)
         assert s.scalar(select(func.count()).select_from(Blob)) == 1
         assert s.scalar(select(func.count()).select_from(Attachment)) == 2
     app.engine.dispose()
+
+
+def test_mail_without_message_id_dedups_by_channel_id(settings: Settings, clock: Any) -> None:
+    app = App(settings, clock=clock)
+    raw = make_mail("From a cron job", message_id=None)
+    first = Inbound(Channel.EMAIL, raw, clock.now, "imap:help", None, ("help@helpdesk.test",),
+                    channel_message_id="imap:help:1700000000:42")
+    again = Inbound(Channel.EMAIL, raw, clock.now, "imap:help", None, ("help@helpdesk.test",),
+                    channel_message_id="imap:help:1700000000:42")
+    other = Inbound(Channel.EMAIL, raw, clock.now, "smtp", "cron@users.test",
+                    ("help@helpdesk.test",))
+    assert app.intake.ingest_now(first).outcome.value == "created"
+    assert app.intake.ingest_now(again).outcome.value == "duplicate"
+    # Without any id, identical script mail is two tickets (B5: an ordinary ticket each).
+    assert app.intake.ingest_now(other).outcome.value == "created"
+    assert app.intake.ingest_now(other).outcome.value == "created"
+    app.engine.dispose()
