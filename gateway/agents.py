@@ -154,8 +154,11 @@ class AgentReplies:
             data.update({"from": ticket.state, "to": new})
             ticket.state = new
             ticket.closed_at = now if new == "closed" else None
-            if cmd.name == "pending" and cmd.arg:
-                data["until"] = commands.parse_until(cmd.arg).isoformat()
+            # The SLA engine reminds the owner at `pending_until` (issue 6).
+            ticket.pending_until = (commands.parse_until(cmd.arg)
+                                    if cmd.name == "pending" and cmd.arg else None)
+            if ticket.pending_until is not None:
+                data["until"] = ticket.pending_until.isoformat()
         elif cmd.name == "priority":
             data.update({"from": ticket.priority, "to": cmd.arg.lower()})
             ticket.priority = cmd.arg.lower()
@@ -177,7 +180,7 @@ class AgentReplies:
                           data=data))
         if cmd.name in ("close", "open", "pending"):
             self.changed(session, ticket, "state", now)
-        elif cmd.name in ("group", "priority"):
+        elif cmd.name in ("group", "priority", "major"):
             self.changed(session, ticket, cmd.name, now)
 
     def _relay(self, session: Session, ticket: Ticket, article: Article, agent_name: str,

@@ -1,4 +1,5 @@
-"""`helpdeskd` sub-commands: init, run, check, rules explain, tickets, quarantine, outbox.
+"""`helpdeskd` sub-commands: init, run, check, rules explain, tickets, quarantine, outbox,
+status.
 
 Every command takes `--config PATH` (default `$HELPDESKD_CONFIG` or
 `./helpdeskd.toml`; without either, the embedded demo defaults). Every `list`
@@ -205,6 +206,8 @@ def ticket_detail(app: Any, number: str) -> dict[str, Any] | None:
         data.update({
             "customer_name": t.customer_name, "inbound_address": t.inbound_address,
             "type": t.type, "escalation_level": t.escalation_level,
+            "sla": t.sla_name, "major_at": _iso(t.major_at),
+            "pending_until": _iso(t.pending_until),
             "linked_ticket": linked.number if linked else None,
             "first_response_at": _iso(t.first_response_at), "closed_at": _iso(t.closed_at),
             "deadlines": {
@@ -355,6 +358,147 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def imap_status(settings: Settings, sessions: Any) -> list[dict[str, Any]]:
+    """Health of each configured [[imap]] mailbox, as the daemon last wrote it.
+
+    The daemon updates `imap_state` on connect, after each drain and on every
+    error, and sets `connected` false when it stops; a daemon that died keeps
+    its last word, so `updated_at` says how old the information is.
+    """
+    from gateway.store.models import ImapState
+
+    with sessions() as s:
+        rows = {r.name: r for r in s.scalars(select(ImapState))}
+    out = []
+    for m in settings.imap:
+        r = rows.get(m.name)
+        out.append({
+            "name": m.name, "address": m.address,
+            "server": f"{m.host}:{m.effective_port}", "user": m.user, "folder": m.folder,
+            "connected": bool(r and r.connected), "mode": (r.mode if r else "") or None,
+            "ingested": r.ingested if r else 0, "failures": r.failures if r else 0,
+            "last_success_at": _iso(r.last_success_at) if r else None,
+            "last_error": r.last_error if r else None,
+            "last_error_at": _iso(r.last_error_at) if r else None,
+            "uidvalidity": r.uidvalidity if r else None, "last_uid": r.last_uid if r else 0,
+            "updated_at": _iso(r.updated_at) if r else None,
+        })
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    app = _app(args)
+    mailboxes = imap_status(app.settings, app.sessions)
+    app.engine.dispose()
+    if args.json:
+        _print_json({"imap": mailboxes})
+        return 0
+    if not mailboxes:
+        print("no [[imap]] mailboxes configured")
+    for r in mailboxes:
+        if r["updated_at"] is None:
+            state = "never connected"
+        else:
+            state = f"connected ({r['mode']})" if r["connected"] else "not connected"
+        print(f"imap {r['name']} ({r['user']} on {r['server']}, folder {r['folder']}) for "
+              f"{r['address']}: {state}; {r['ingested']} ingested; "
+              f"last success {r['last_success_at'] or '-'}")
+        if r["last_error"]:
+            print(f"  last error {r['last_error_at']}: {r['last_error']}"
+                  f"{' (' + str(r['failures']) + ' in a row)' if r['failures'] else ''}")
+        if r["updated_at"] is not None:
+            print(f"  as of {r['updated_at']}")
+    return 0
+
+
+# -- escalation (issue 6; the views live in gateway.escalation.report) ------------------
+
+
+def cmd_calendar_show(args: argparse.Namespace) -> int:
+    from gateway.escalation.calendar import Calendar
+    from gateway.escalation.report import calendar_view, format_calendar
+
+    settings = _load(args)
+    table = settings.calendars.get(args.name)
+    if table is None:
+        names = ", ".join(sorted(settings.calendars)) or "none configured"
+        print(f"no calendar {args.name!r} (calendars: {names})", file=sys.stderr)
+        return 1
+    cal = Calendar.from_settings(table)
+    start = args.start or dt.datetime.now(cal.tz).date()
+    view = calendar_view(args.name, cal, start, args.days)
+    if args.json:
+        _print_json(view)
+    else:
+        print("\n".join(format_calendar(view)))
+    return 0
+
+
+def _ticket_number(app: Any, text: str) -> str:
+    return str(text.strip("[]").removeprefix(app.settings.daemon.ticket_hook))
+
+
+def cmd_sla_explain(args: argparse.Namespace) -> int:
+    from gateway.escalation.report import format_explain, sla_explain
+
+    app = _app(args)
+    data = sla_explain(app.sla, app.sessions, _ticket_number(app, args.number), app.clock())
+    if data is None:
+        print(f"no ticket {args.number}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(data)
+    else:
+        print("\n".join(format_explain(data)))
+    return 0
+
+
+def cmd_sla_stats(args: argparse.Namespace) -> int:
+    from gateway.escalation.report import format_prometheus, format_stats, sla_stats
+
+    app = _app(args)
+    since = (dt.datetime.combine(args.since, dt.time(), dt.UTC) if args.since else None)
+    data = sla_stats(app.sessions, app.clock(), since)
+    if args.json:
+        _print_json(data)
+    elif args.prometheus:
+        print("\n".join(format_prometheus(data)))
+    else:
+        print("\n".join(format_stats(data)))
+    return 0
+
+
+def cmd_incidents(args: argparse.Namespace) -> int:
+    from gateway.escalation.report import format_review, incident_list, incident_reviews
+
+    app = _app(args)
+    if args.action == "list":
+        rows = incident_list(app.sessions)
+        if args.json:
+            _print_json(rows)
+        else:
+            for r in rows:
+                print(f"{r['ticket']:<15} {r['state']:<8} {r['group']:<20} since {r['major_at']}"
+                      f"{' closed ' + r['closed_at'] if r['closed_at'] else ''}"
+                      f" reviews {r['reviews'] or '-'}  {r['subject']}")
+            print(f"{len(rows)} major incident(s)")
+        return 0
+    if not args.number:
+        print("incidents review needs a ticket number", file=sys.stderr)
+        return 2
+    reviews = incident_reviews(app.sessions, _ticket_number(app, args.number))
+    if reviews is None:
+        print(f"no ticket {args.number}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(reviews)
+    elif not reviews:
+        print(f"{args.number}: no review yet (written when a major incident closes)")
+    else:
+        print("\n\n".join("\n".join(format_review(r)) for r in reviews))
+    return 0
+
+
 # -- argument parsing -------------------------------------------------------------------
 
 
@@ -408,6 +552,39 @@ def build_parser() -> argparse.ArgumentParser:
     s = outbox.add_parser("list", parents=[common, as_json], help="every outbox row")
     s.add_argument("--state", choices=["pending", "sent", "held", "dead"])
     s.set_defaults(func=cmd_outbox_list)
+
+    s = sub.add_parser("status", parents=[common, as_json],
+                       help="health of the channels (IMAP mailboxes), as the daemon last wrote it")
+    s.set_defaults(func=cmd_status)
+
+    calendar = sub.add_parser("calendar", help="business-hours calendars").add_subparsers(
+        dest="calendar_cmd", required=True)
+    s = calendar.add_parser("show", parents=[common, as_json],
+                            help="business hours and the holidays a calendar skips")
+    s.add_argument("name")
+    s.add_argument("--from", dest="start", type=dt.date.fromisoformat, metavar="DATE",
+                   help="first date, YYYY-MM-DD (default: today in the calendar's zone)")
+    s.add_argument("--days", type=int, default=14, help="number of days (default 14)")
+    s.set_defaults(func=cmd_calendar_show)
+
+    sla = sub.add_parser("sla", help="SLA deadlines").add_subparsers(dest="sla_cmd",
+                                                                     required=True)
+    s = sla.add_parser("explain", parents=[common, as_json],
+                       help="each deadline of a ticket and how it was computed")
+    s.add_argument("number")
+    s.set_defaults(func=cmd_sla_explain)
+    s = sla.add_parser("stats", parents=[common, as_json],
+                       help="counts of warnings, breaches, escalations (audit events)")
+    s.add_argument("--since", type=dt.date.fromisoformat, metavar="DATE",
+                   help="count events from this date (UTC) on")
+    s.add_argument("--prometheus", action="store_true", help="Prometheus text format")
+    s.set_defaults(func=cmd_sla_stats)
+
+    s = sub.add_parser("incidents", parents=[common, as_json],
+                       help="major incidents and their review records")
+    s.add_argument("action", choices=["list", "review"])
+    s.add_argument("number", nargs="?")
+    s.set_defaults(func=cmd_incidents)
     return p
 
 

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assign": ("me|<agent address>", "set the owner"),
     "note": ("", "keep this reply internal: nothing is sent to the customer"),
     "cc": ("<address>", "add a participant who receives replies"),
+    "major": ("", "declare a major incident: tighter SLA, the incident list is told at once"),
 }
 PRIORITIES = ("low", "normal", "high")
 
@@ -109,7 +110,7 @@ def check(commands: tuple[Command, ...], settings: Settings) -> list[str]:
 def _check_one(cmd: Command, settings: Settings) -> str | None:
     if cmd.name not in COMMANDS:
         return "unknown command"
-    if cmd.name in ("close", "open", "note") and cmd.arg:
+    if cmd.name in ("close", "open", "note", "major") and cmd.arg:
         return f"#{cmd.name} takes no argument"
     if cmd.name == "pending" and cmd.arg:
         try:

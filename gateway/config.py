@@ -278,7 +278,8 @@ class ImapSettings(_Section):
     # RFC 2177: servers may drop a client idle for 30 minutes; re-issue IDLE before 29.
     idle_restart_seconds: float = Field(default=1500.0, gt=0, lt=29 * 60)
     # A backlog is fetched at most batch_size messages and batch_bytes octets at a time.
-    batch_size: int = Field(default=50, ge=1, le=1000)
+    # At most 200: aioimaplib parses an answer recursively, a stack frame per line.
+    batch_size: int = Field(default=50, ge=1, le=200)
     batch_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     # Larger messages are not fetched; they are moved to quarantine_folder and logged.
     max_message_size: int = Field(default=25 * 1024 * 1024, gt=0)

@@ -234,7 +234,7 @@ class OutboxRow(Base):
         ForeignKey("tickets.id", ondelete="SET NULL"), index=True
     )
     channel: Mapped[str] = mapped_column(String(16))
-    # ack | notify | relay | error | reminder | escalation
+    # ack | notify | relay | error | reminder | escalation | incident
     kind: Mapped[str] = mapped_column(String(16))
     # First recipient, for listing and the per-address rate limit.
     to_address: Mapped[str] = mapped_column(String(320))
