@@ -249,9 +249,16 @@ class SlaEngine:
         savepoint, logged, and recorded on the ticket as an ``sla-error`` event; the
         ticket keeps its previous deadlines until the next change recomputes them.
         """
-        # Flushed first, so that undoing the savepoint cannot undo the pipeline's work.
-        session.flush()
         try:
+            if change == "created" and self.settings.major_incidents.tag not in (
+                    ticket.tags or []):
+                # The hot path of every new ticket: only attribute writes and an event,
+                # no SQL that could fail half-way, so no flush and no savepoint (they
+                # cost more than the whole computation).
+                self._changed(session, ticket, change, now)
+                return
+            # Flushed first, so that undoing the savepoint cannot undo the pipeline's work.
+            session.flush()
             with session.begin_nested():
                 self._changed(session, ticket, change, now)
         except Exception as exc:
