@@ -132,7 +132,11 @@ class Intake:
             for inbound in inbounds:
                 results.append(self._one(session, inbound, now))
         if self.on_commit is not None:
-            self.on_commit(results)
+            # Committed is committed: a failing wake-up must not turn into a 451.
+            try:
+                self.on_commit(results)
+            except Exception:
+                log.exception("intake: after-commit callback failed")
         return results
 
     def _one(self, session: Session, inbound: Inbound, now: dt.datetime) -> Disposition:
