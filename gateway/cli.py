@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import secrets
 import shutil
 import sys
 from collections.abc import Sequence
@@ -23,7 +24,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from gateway.config import ConfigError, Settings, default_config_path, load_settings
+from gateway.config import (
+    DEFAULT_SECRET,
+    ConfigError,
+    Settings,
+    default_config_path,
+    load_settings,
+    with_real_secret,
+)
 from gateway.routing import RuleError
 
 DEFAULTS = Path(__file__).resolve().parent / "defaults"
@@ -35,8 +43,10 @@ def _load(args: argparse.Namespace) -> Settings:
     if not path.exists() and not given and "HELPDESKD_CONFIG" not in _env():
         # Embedded defaults: the shipped demo config, relative to the current directory.
         settings = load_settings(DEFAULTS / "helpdeskd.toml")
-        return settings.model_copy(update={"base_dir": Path.cwd()})
-    return load_settings(path)
+        settings = settings.model_copy(update={"base_dir": Path.cwd()})
+    else:
+        settings = load_settings(path)
+    return with_real_secret(settings)
 
 
 def _env() -> dict[str, str]:
@@ -69,7 +79,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     if config.exists() and not args.force:
         print(f"{config} exists; use --force to overwrite", file=sys.stderr)
         return 1
-    shutil.copyfile(DEFAULTS / "helpdeskd.toml", config)
+    # A fresh deployment gets its own random reply-token secret, never the demo's.
+    demo = (DEFAULTS / "helpdeskd.toml").read_text(encoding="utf-8")
+    config.write_text(demo.replace(f'secret = "{DEFAULT_SECRET}"',
+                                   f'secret = "{secrets.token_urlsafe(32)}"', 1),
+                      encoding="utf-8")
+    config.chmod(0o600)
     rules = target / "rules"
     rules.mkdir(exist_ok=True)
     for f in sorted((DEFAULTS / "rules").glob("*.yaml")):
@@ -80,7 +95,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     from gateway.daemon import App
 
     App(settings).engine.dispose()
-    print(f"initialised {target}: {config}, {rules}/, database {settings.database_url}")
+    from gateway.store.db import redact_url
+
+    print(f"initialised {target}: {config}, {rules}/, database "
+          f"{redact_url(settings.database_url)}")
     return 0
 
 
@@ -92,6 +110,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         level=settings.daemon.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request URL at INFO, and a Telegram Bot API URL contains the
+    # bot's token; aioimaplib at DEBUG shows the LOGIN line. Secrets never reach logs.
+    for noisy in ("httpx", "httpcore", "aioimaplib"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     asyncio.run(serve(settings))
     return 0
 

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from gateway.config import Settings
 from gateway.mail.compose import ComposeError, encode_address
 
-COMMAND_LINE = re.compile(r"^#(?P<name>[A-Za-z][A-Za-z_-]*)(?:[ \t]+(?P<arg>.*))?$")
+# B12: any line starting with `#` and a letter is a command line. Its name is
+# everything up to the first blank, so a typo such as `#close.` or `#note:` is an
+# unknown command (the whole reply is refused, B13) rather than text that would be
+# relayed to the customer.
+COMMAND_LINE = re.compile(r"^#(?P<name>[A-Za-z]\S*)(?:[ \t]+(?P<arg>.*))?$")
 
 # name -> (argument help, short description): the list an error mail shows.
 COMMANDS: dict[str, tuple[str, str]] = {

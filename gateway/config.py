@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -589,6 +590,27 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     return parse_settings(
         data, source=str(path), base_dir=path.absolute().parent, environ=environ, text=text
     )
+
+
+def with_real_secret(settings: Settings) -> Settings:
+    """Replace the shipped demo secret with a random one kept in `data_dir/secret`.
+
+    Anyone can compute reply tokens with a secret that is printed in the repository,
+    and so act as any agent. A deployment that never set `secret` therefore gets a
+    random secret generated once (mode 0600) and reused on every start, so tokens in
+    notifications already sent stay valid.
+    """
+    if settings.daemon.secret.get_secret_value() != DEFAULT_SECRET:
+        return settings
+    path = settings.path(settings.daemon.data_dir) / "secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+    value = path.read_text().strip()
+    daemon = settings.daemon.model_copy(update={"secret": SecretStr(value)})
+    return settings.model_copy(update={"daemon": daemon})
 
 
 def default_config_path(environ: Mapping[str, str] | None = None) -> Path:

@@ -30,7 +30,7 @@ from gateway.notify import Notifier, Templates
 from gateway.outbox import Delivery, EmailSender, OutboxWorker, Sender, release_held
 from gateway.pipeline import Disposition, Outcome, Pipeline
 from gateway.routing import RuleReloader
-from gateway.store.db import make_engine, make_sessionmaker, migrate
+from gateway.store.db import make_engine, make_sessionmaker, migrate, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -186,18 +186,8 @@ async def serve(settings: Settings) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.rules.reload)
     await app.start()
-    log.info("helpdeskd: running (%s)", _redacted(settings.database_url))
+    log.info("helpdeskd: running (%s)", redact_url(settings.database_url))
     await stop.wait()
     log.info("helpdeskd: stopping")
     await app.stop()
     log.info("helpdeskd: stopped")
-
-
-def _redacted(url: str) -> str:
-    """A database URL without its password, for logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-    return url

@@ -358,3 +358,20 @@ async def test_html_only_reply_is_stripped_of_the_quote(app: App, sink: SmtpSink
     text = parsed(sink.messages[before].raw).get_content()
     assert "Please restart the indexer." in text
     assert CUSTOMER_TEXT not in text
+
+
+@pytest.mark.parametrize("body", ["#close.\n\nThanks, closing.",
+                                  "#close\n#note:\nInternal: customer is difficult."])
+async def test_mistyped_command_rejects_the_whole_reply(
+    app: App, sink: SmtpSink, body: str
+) -> None:
+    t, note = await open_ticket(app, sink)
+    before = len(sink.messages)
+    result = await reply(app, note, gmail_reply(note, "alice@agents.test", body),
+                         "alice@agents.test")
+    assert "rejected" in result
+    after = ticket(app, t["number"])
+    assert after["state"] == "new" and len(after["articles"]) == 1
+    await sink.wait_for(before + 1)
+    assert [m.rcpt_tos for m in sink.messages[before:]] == [("alice@agents.test",)]
+    assert "unknown command" in parsed(sink.messages[before].raw).get_content()

@@ -192,3 +192,9 @@ async def test_rate_limit_window_slides(app: App, clock: Any) -> None:
     clock.advance(hours=1, seconds=1)
     await send(port(app), make_mail("Next hour"))
     assert len(rows(app, "ack")) == 11
+
+
+async def test_out_of_office_subject_alone_is_not_automatic(app: App) -> None:
+    # A person's subject; B17 decides by headers, so this customer is acknowledged.
+    await send(port(app), make_mail("Out of office: my auto-reply setting is lost"))
+    assert len(rows(app, "ack")) == 1

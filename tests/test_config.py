@@ -69,3 +69,31 @@ def test_locate_finds_keys_in_tables_and_arrays() -> None:
     assert locate(text, ("daemon", "name")) == 2
     assert locate(text, ("inbound", 1, "address")) == 8
     assert locate(text, ("inbound", 0, "default_group")) == 4  # missing: the table's line
+
+
+def test_demo_secret_is_replaced_by_a_generated_one(tmp_path: Path) -> None:
+    from gateway.config import DEFAULT_SECRET, with_real_secret
+
+    s = parse_settings({**BASE, "daemon": {"data_dir": str(tmp_path / "var")}},
+                       base_dir=tmp_path, environ={})
+    assert s.daemon.secret.get_secret_value() == DEFAULT_SECRET
+    first = with_real_secret(s)
+    secret = first.daemon.secret.get_secret_value()
+    assert secret != DEFAULT_SECRET and len(secret) >= 32
+    stored = tmp_path / "var" / "secret"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    # Reused on the next start, so reply addresses already sent stay valid.
+    assert with_real_secret(s).daemon.secret.get_secret_value() == secret
+    # A configured secret is left alone.
+    own = parse_settings({**BASE, "daemon": {"secret": "x" * 20}}, environ={})
+    assert with_real_secret(own) is own
+
+
+def test_init_writes_its_own_secret(tmp_path: Path) -> None:
+    from gateway.cli import main
+    from gateway.config import DEFAULT_SECRET
+
+    assert main(["init", str(tmp_path / "site")]) == 0
+    text = (tmp_path / "site" / "helpdeskd.toml").read_text()
+    assert DEFAULT_SECRET not in text
+    assert load_settings(tmp_path / "site" / "helpdeskd.toml", environ={}).daemon.secret

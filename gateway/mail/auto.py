@@ -105,6 +105,9 @@ def classify(mail: ParsedMail, mail_from: str | None) -> AutoInfo:
         reasons.append("x-autoreply")
     if mail.header("X-Autorespond") is not None:
         reasons.append("x-autorespond")
+    # iCloud's vacation responder sends no Auto-Submitted, only its own header.
+    if (mail.header("X-Apple-Action") or "").strip().lower() == "vacation":
+        reasons.append("x-apple-action:vacation")
     for value in mail.header_all("X-Auto-Response-Suppress"):
         # [MS-OXCMAIL] 2.1.3.2.20: a comma-separated list of flags.
         flags = {flag.strip().lower() for flag in value.split(",")}
@@ -129,9 +132,14 @@ def classify(mail: ParsedMail, mail_from: str | None) -> AutoInfo:
         reasons.append(f"sender:{daemon}")
     if any(_is_null_path(value) for value in mail.header_all("Return-Path")):
         reasons.append("return-path:null")
+    automatic = bool(reasons)
+    # The subject is only a hint, recorded but not decisive: real auto-responders
+    # (Exchange, Gmail, Zimbra) also send the headers above, while a person may well
+    # write "Out of office: setting lost" and must then get an acknowledgement (B6)
+    # and reopen their ticket (B10), as B17 defines "automatic" by headers alone.
     if _AUTO_SUBJECT.search(mail.subject):
-        reasons.append("subject:auto-reply")
-    return AutoInfo(is_automatic=bool(reasons), reasons=tuple(reasons), is_report=is_report)
+        reasons.append("hint:subject-auto-reply")
+    return AutoInfo(is_automatic=automatic, reasons=tuple(reasons), is_report=is_report)
 
 
 def _daemon_sender(mail: ParsedMail, mail_from: str | None) -> str | None:

@@ -15,12 +15,24 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def redact_url(url: str) -> str:
+    """A database URL fit for logs and output: the password masked, wherever it was."""
+    try:
+        parsed = make_url(url)
+        secret_keys = {k: "***" for k in parsed.query if k.lower() in ("password", "pass")}
+        if secret_keys:  # libpq also takes the password as a query parameter
+            parsed = parsed.update_query_dict(secret_keys)
+        return parsed.render_as_string(hide_password=True)
+    except Exception:  # unparseable: say nothing about it rather than leak it
+        return "<database url>"
 
 
 def is_sqlite(url: str) -> bool:

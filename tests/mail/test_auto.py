@@ -131,9 +131,11 @@ def test_daemon_like_names_are_not_daemons() -> None:
         "=?UTF-8?Q?AutoRespons?= :Nyaan?",
     ],
 )
-def test_out_of_office_subjects(subject: str) -> None:
+def test_out_of_office_subjects_are_a_hint_only(subject: str) -> None:
+    # B17 decides by headers; a person may write such a subject (see auto.py).
     result = info(f"Subject: {subject}")
-    assert result.reasons == ("subject:auto-reply",)
+    assert result.reasons == ("hint:subject-auto-reply",)
+    assert not result.is_automatic
 
 
 @pytest.mark.parametrize(
