@@ -184,7 +184,15 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, app.rules.reload)
+    # Reloading reads and parses files: a worker thread does it, not the event loop.
+    reloads: set[asyncio.Task[object]] = set()  # held so they are not garbage-collected
+
+    def on_sighup() -> None:
+        task = loop.create_task(asyncio.to_thread(app.rules.reload))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await app.start()
     log.info("helpdeskd: running (%s)", redact_url(settings.database_url))
     await stop.wait()

@@ -94,8 +94,9 @@ class RuleReloader:
         """Reload whenever the rule files change; runs until cancelled."""
         while True:
             try:
-                if self.changed():
-                    self.reload()
+                # stat() and YAML parsing are blocking file work: off the event loop.
+                if await asyncio.to_thread(self.changed):
+                    await asyncio.to_thread(self.reload)
             except Exception:
                 # A bug here must not silently end hot reload for the daemon's lifetime.
                 log.exception("routing rule watcher failed; retrying in %ss", interval)
