@@ -263,8 +263,12 @@ class TelegramChannel:
             for item in updates:
                 try:
                     await self._process(item.to_dict(), item.update_id)
-                except (StoreUnavailable, TelegramError) as exc:
-                    # Not committed: the offset stays, the update is fetched again.
+                except Exception as exc:
+                    # Not committed: the offset stays, the update is fetched again. Any
+                    # error (not only the expected ones) must keep the poller alive.
+                    if not isinstance(exc, StoreUnavailable | TelegramError):
+                        log.exception("%s: update %d failed unexpectedly", self.name,
+                                      item.update_id)
                     log.error("%s: update %d not stored (%s); retrying in %.0f s",
                               self.name, item.update_id, exc, delay)
                     await self._pause(delay)
