@@ -55,7 +55,7 @@ from gateway.config import ImapSettings, Settings
 from gateway.intake import StoreUnavailable
 from gateway.message import Channel, Inbound
 from gateway.pipeline import Disposition, Outcome
-from gateway.store.models import ImapState
+from gateway.store.models import ImapState, QuarantineRow
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +292,21 @@ class StateStore:
                 return Position()
             return Position(row.uidvalidity, row.last_uid, row.acked_uid,
                             list(row.pending_quarantine or []))
+
+    def record_oversized(self, uid: int, size: int, limit: int, folder: str) -> None:
+        """A quarantine row for a message too large to fetch (B20: a readable reason).
+
+        The message itself stays on the server, in the quarantine folder; the row
+        carries no bytes, only where to find it.
+        """
+        with self.sessions() as session, session.begin():
+            session.add(QuarantineRow(
+                received_at=_now(), channel=Channel.EMAIL.value, source=f"imap:{self.name}",
+                stage="fetch", reason="too-large",
+                detail=f"UID {uid} is {size} bytes, over max_message_size {limit}; "
+                       f"not fetched, moved to the IMAP folder {folder!r}",
+                raw=b"", rcpt_tos=[], state="held",
+            ))
 
     def save(self, position: Position | None = None, health: Health | None = None) -> None:
         with self.sessions() as session, session.begin():
@@ -730,6 +745,8 @@ class ImapChannel:
                 log.error("%s: UID %d is %d bytes, over max_message_size %d; not fetched, "
                           "moved to %s", self.name, uid, sizes[uid], m.max_message_size,
                           m.quarantine_folder)
+                await asyncio.to_thread(self.store.record_oversized, uid, sizes[uid],
+                                        m.max_message_size, m.quarantine_folder)
                 quarantined.append(uid)
             else:
                 log.info("%s: UID %d vanished before it was fetched", self.name, uid)

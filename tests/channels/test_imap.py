@@ -497,7 +497,11 @@ async def test_bad_and_oversized_messages_are_moved_to_quarantine(
         [ticket] = tickets(app)
         assert ticket.subject == "fine"  # the inbox did not jam
         with app.sessions() as s:
-            [held] = list(s.scalars(select(QuarantineRow)))
+            rows = list(s.scalars(select(QuarantineRow).order_by(QuarantineRow.stage)))
+        # The oversized one is listed too (B20), with where it is: it has no bytes here.
+        big_row, held = rows
+        assert (big_row.stage, big_row.reason) == ("fetch", "too-large")
+        assert "Quarantine" in big_row.detail and big_row.source == "imap:help"
         assert held.source == "imap:help" and held.stage == "parse"
         assert held.channel_message_id is not None
         assert held.channel_message_id.startswith("imap:help:")
