@@ -57,18 +57,24 @@ class Intake:
         sessions: sessionmaker[Session],
         *,
         batch_max: int = 64,
+        batch_bytes: int = 16 * 1024 * 1024,
         clock: Clock = utcnow,
         on_commit: Callable[[list[Disposition]], None] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.sessions = sessions
         self.batch_max = batch_max
+        # The writer holds the database's write lock for a whole batch: bound it by
+        # size too, so a burst of large messages cannot lock out the outbox worker.
+        self.batch_bytes = batch_bytes
         self.clock = clock
         self.on_commit = on_commit
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="intake-writer", daemon=True)
         self._thread.start()
 
@@ -76,12 +82,15 @@ class Intake:
         """Finish every submitted message, then stop the writer thread."""
         if self._thread is None:
             return
+        self._stopping = True
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
 
     async def submit(self, inbound: Inbound) -> Disposition:
-        if self._thread is None:
+        if self._thread is None or self._stopping:
+            # After stop() began, a job queued behind the stop marker would never be
+            # answered; refusing it makes SMTP say 451 and the sender retry later.
             raise StoreUnavailable("intake is not running")
         loop = asyncio.get_running_loop()
         job = _Job(inbound, loop.create_future(), loop)
@@ -100,8 +109,9 @@ class Intake:
             if first is _STOP:
                 return
             jobs = [first]
+            size = len(first.inbound.raw) if isinstance(first, _Job) else 0
             stop = False
-            while len(jobs) < self.batch_max:
+            while len(jobs) < self.batch_max and size < self.batch_bytes:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
@@ -110,6 +120,8 @@ class Intake:
                     stop = True
                     break
                 jobs.append(nxt)
+                if isinstance(nxt, _Job):
+                    size += len(nxt.inbound.raw)
             self._run_batch([j for j in jobs if isinstance(j, _Job)])
             if stop:
                 return

@@ -140,3 +140,32 @@ def test_mail_without_message_id_dedups_by_channel_id(settings: Settings, clock:
     assert app.intake.ingest_now(other).outcome.value == "created"
     assert app.intake.ingest_now(other).outcome.value == "created"
     app.engine.dispose()
+
+
+async def test_intake_batches_are_bounded_by_size(settings: Settings, clock: Any) -> None:
+    import asyncio
+
+    app = App(settings, clock=clock)
+    batches: list[int] = []
+    app.intake.on_commit = lambda results: batches.append(len(results))
+    app.intake.batch_bytes = 1  # any message fills a batch: one transaction each
+    app.intake.start()
+    results = await asyncio.gather(*(app.intake.submit(inbound(make_mail(f"m{i}"), clock.now))
+                                     for i in range(5)))
+    await app.intake.stop()
+    assert [r.outcome.value for r in results] == ["created"] * 5
+    assert batches == [1, 1, 1, 1, 1]
+    app.engine.dispose()
+
+
+async def test_intake_refuses_work_once_stopping(settings: Settings, clock: Any) -> None:
+    import pytest
+
+    from gateway.intake import StoreUnavailable
+
+    app = App(settings, clock=clock)
+    app.intake.start()
+    await app.intake.stop()
+    with pytest.raises(StoreUnavailable):
+        await app.intake.submit(inbound(make_mail("late"), clock.now))
+    app.engine.dispose()
