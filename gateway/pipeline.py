@@ -17,9 +17,9 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -49,6 +49,17 @@ from gateway.store.models import (
 )
 
 log = logging.getLogger(__name__)
+
+# The per-message statements are built once: building a statement and its cache key
+# each time cost several times what SQLite takes to run it.
+# Dedup, through the session (so it autoflushes, as session.get did).
+_SEEN = select(MessageId.message_id).where(MessageId.message_id == bindparam("key"))
+# The ticket-number counter, in Core on the session's connection (see next_ticket_number).
+_counters = cast(Table, Counter.__table__)
+_BUMP_COUNTER = (
+    update(_counters).where(_counters.c.name == bindparam("counter"))
+    .values(value=_counters.c.value + 1).returning(_counters.c.value)
+)
 
 
 class Outcome(enum.StrEnum):
@@ -143,7 +154,7 @@ class Pipeline:
         # (an IMAP mailbox's UIDVALIDITY:UID), so a re-fetch after a crash is a no-op.
         key = mid or inbound.channel_message_id
         with stage("dedup"):
-            if key and session.get(MessageId, key) is not None:
+            if key and session.scalar(_SEEN, {"key": key}) is not None:
                 log.info("message %s: duplicate, discarded", key)
                 return Disposition(Outcome.DUPLICATE, message_id=mid)
         result = self._ingest_mail(session, inbound, mail, now)
@@ -436,15 +447,19 @@ class Pipeline:
             attachments=[],
         )
         session.add(article)
-        added: set[str] = set()  # the same file twice in one mail is one blob
+        blobs: dict[str, Blob] = {}  # the same file twice in one mail is one blob
         for att in mail.attachments:
             digest = hashlib.sha256(att.data).hexdigest()
-            if digest not in added and session.get(Blob, digest) is None:
-                session.add(Blob(sha256=digest, size=len(att.data), data=att.data))
-            added.add(digest)
+            blob = blobs.get(digest) or session.get(Blob, digest)
+            if blob is None:
+                blob = Blob(sha256=digest, size=len(att.data), data=att.data)
+                session.add(blob)
+            blobs[digest] = blob
+            # `blob` set, not only `sha256`: nothing is flushed before the savepoint ends,
+            # and a pending attachment's blob would not load (chat notifications carry it).
             article.attachments.append(Attachment(
                 filename=att.filename, content_type=att.content_type, sha256=digest,
-                size=len(att.data),
+                size=len(att.data), blob=blob,
             ))
         if mail.message_id:
             session.add(MessageId(message_id=mail.message_id, ticket_id=ticket.id,
@@ -481,16 +496,14 @@ def next_ticket_number(session: Session, now: dt.datetime) -> str:
     """Date-based, human-readable and unique: YYYYMMDD + a 5-digit daily sequence.
 
     The counter row is bumped with UPDATE ... RETURNING, so concurrent daemons on
-    PostgreSQL serialise on that one row instead of racing on MAX(number).
+    PostgreSQL serialise on that one row instead of racing on MAX(number). It runs on
+    the session's connection (same transaction) without an autoflush: it reads no
+    row of the session's.
     """
     day = now.astimezone(dt.UTC).strftime("%Y%m%d")
     name = f"ticket:{day}"
     for _ in range(3):
-        value = session.scalar(
-            update(Counter).where(Counter.name == name)
-            .values(value=Counter.value + 1).returning(Counter.value),
-            execution_options={"synchronize_session": False},
-        )
+        value = session.connection().scalar(_BUMP_COUNTER, {"counter": name})
         if value is not None:
             return f"{day}{value:05d}"
         try:
