@@ -122,7 +122,7 @@ class AgentReplies:
                                   created_at=now))
         ticket.updated_at = now
         if article is not None and not internal:
-            self._relay(session, ticket, article, agent.name, now)
+            self._relay(session, ticket, article, agent.name, sender, mid, now)
         if ticket.group != old_group:
             self.notifier.notify_agents(session, ticket, self._last_customer(session, ticket),
                                         "agent_group.txt", now, actor=sender)
@@ -184,18 +184,29 @@ class AgentReplies:
             self.changed(session, ticket, cmd.name, now)
 
     def _relay(self, session: Session, ticket: Ticket, article: Article, agent_name: str,
-               now: dt.datetime) -> None:
+               agent: str, mid: str | None, now: dt.datetime) -> None:
         last = self._last_customer(session, ticket)
         parts = session.execute(select(Participant.address, Participant.name).where(
             Participant.ticket_id == ticket.id)).all()
         refs = [m for m in [a.message_id for a in ticket.articles
                             if a.direction == "in" and a.author_role == "customer"] if m]
-        self.notifier.relay(
+        row = self.notifier.relay(
             session, ticket, article, agent_name=agent_name,
             participants=[(a, n) for a, n in parts],
             in_reply_to=last.message_id if last is not None else None,
             references=refs[-10:], now=now,
         )
+        if row is None:
+            # Nobody could be written to (e.g. an address outbound mail cannot encode):
+            # the customer has no answer, so the ticket is not answered either.
+            problem = f"{ticket.customer!r} cannot be written to"
+            session.add(Event(ticket=ticket, at=now, actor=agent, kind="relay-undeliverable",
+                              data={"customer": ticket.customer, "message_id": mid}))
+            self.notifier.relay_failed(session, ticket, agent, problem, in_reply_to=mid,
+                                       now=now)
+            log.warning("ticket %s: reply from %s stored but not sent: %s", ticket.number,
+                        agent, problem)
+            return
         if ticket.state == "new":
             session.add(Event(ticket=ticket, at=now, actor="system", kind="state",
                               data={"from": "new", "to": "open", "why": "first agent reply"}))

@@ -328,6 +328,27 @@ class Notifier:
         session.add(row)
         return row
 
+    def relay_failed(
+        self, session: Session, ticket: Ticket, agent: str, problem: str, *,
+        in_reply_to: str | None, now: dt.datetime,
+    ) -> OutboxRow | None:
+        """The agent's words were stored but nobody could be written to: say so."""
+        text = self.templates.render(
+            "relay_failed.txt", hook=self.hooks.format(ticket.number), problem=problem,
+            helpdesk=self.helpdesk,
+        )
+        settings = self.settings.agent(agent)
+        out = Outbound(
+            sender=self._sender(ticket),
+            to=(Address(agent, settings.name if settings else ""),),
+            subject=self.hooks.subject(ticket.number, ticket.subject, prefix="Not sent: "),
+            text=text,
+            in_reply_to=in_reply_to,
+            references=(in_reply_to,) if in_reply_to else (),
+            auto_submitted="auto-replied",
+        )
+        return self.enqueue(session, ticket, "error", out, now=now, automatic=True)
+
     def command_error(
         self,
         session: Session,

@@ -7,6 +7,7 @@ notification below the new text.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import logging
@@ -375,3 +376,28 @@ async def test_mistyped_command_rejects_the_whole_reply(
     await sink.wait_for(before + 1)
     assert [m.rcpt_tos for m in sink.messages[before:]] == [("alice@agents.test",)]
     assert "unknown command" in parsed(sink.messages[before].raw).get_content()
+
+
+async def test_reply_to_an_unwritable_customer_is_reported_to_the_agent(
+    app: App, sink: SmtpSink, clock: Any
+) -> None:
+    from gateway.message import Channel, Inbound
+
+    # SMTPUTF8 lets a customer with a non-ASCII local part in; our outbound mail
+    # cannot address them (no SMTPUTF8 outbound), so nothing could be relayed.
+    raw = ("From: Jörg <jörg@bücher.test>\r\nTo: help@helpdesk.test\r\n"
+           "Subject: Umlaut\r\nMessage-ID: <eai@bücher.test>\r\n\r\nHallo\r\n").encode()
+    await asyncio.to_thread(app.intake.ingest_now, Inbound(
+        Channel.EMAIL, raw, clock.now, "smtp", "jörg@bücher.test", ("help@helpdesk.test",)))
+    await sink.wait_for(1)  # only Alice's notification: the acknowledgement cannot go
+    note = mails_to(sink, "alice@agents.test")[-1]
+    before = len(sink.messages)
+    await reply(app, note, gmail_reply(note, "alice@agents.test", "Hallo Jörg!"),
+                "alice@agents.test")
+    await sink.wait_for(before + 1)
+    [failure] = [parsed(m.raw) for m in sink.messages[before:]]
+    assert failure["To"].addresses[0].addr_spec == "alice@agents.test"
+    assert "could not be sent" in failure.get_content()
+    after = ticket(app)
+    assert after["state"] == "new" and after["first_response_at"] is None
+    assert "relay-undeliverable" in [e["kind"] for e in after["events"]]
