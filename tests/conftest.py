@@ -8,19 +8,26 @@ and an aiosmtpd sink playing the smarthost.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
-from support.app import BACKENDS, PG_ADMIN_URL, Clock, demo_config, truncate
+from support.app import BACKENDS, PG, PG_ADMIN_URL, Clock, demo_config, truncate
 from support.sink import SmtpSink
 
 from gateway.config import Settings, parse_settings
 from gateway.daemon import App
 from gateway.mail.transport import SmtpTransport
 from gateway.store.db import make_engine, migrate
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # In CI the PostgreSQL runs are part of the contract: never let them vanish silently.
+    if os.environ.get("CI") and not PG:
+        raise pytest.UsageError(f"CI: no PostgreSQL answers at {PG_ADMIN_URL}")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
