@@ -176,6 +176,9 @@ class HttpSettings(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # Set to serve the read-only JSON API (gateway/api.py) to callers presenting it as
+    # `Authorization: Bearer <token>`; empty: no API. Use HELPDESKD_HTTP__API_TOKEN.
+    api_token: SecretStr = SecretStr("")
 
 
 _BOT_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"

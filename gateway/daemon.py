@@ -96,6 +96,11 @@ class App:
             self.channels.append(ImapChannel(self.settings, mailbox, self.submit, self.sessions))
         if self.settings.telegram:
             self._start_telegram()
+        token = self.settings.http.api_token.get_secret_value()
+        if token:
+            from gateway.api import Api
+
+            Api(self, token).register()
         for channel in self.channels:
             await channel.start()
         await self.http.start()
