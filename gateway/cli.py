@@ -126,6 +126,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"configuration OK: {len(settings.inbound)} inbound address(es), "
           f"{len(settings.groups)} group(s), {len(settings.agents)} agent(s), "
           f"{len(rules.rules)} rule(s) from {len(rules.files)} file(s)")
+    channels = ["smtp" if settings.smtp.enabled else ""]
+    channels += [f"imap:{m.name}" for m in settings.imap]
+    channels += [f"telegram:{b.name}" for b in settings.telegram]
+    print(f"channels: {', '.join(c for c in channels if c) or 'none'}")
     return 0
 
 
