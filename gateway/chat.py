@@ -40,7 +40,7 @@ from gateway.pipeline import (
     Outcome,
     Pipeline,
     StageError,
-    next_ticket_number,
+    open_ticket,
     routed_event,
     stage,
 )
@@ -290,28 +290,14 @@ class _ChatPath:
         if group is None:
             inbound = self.p.settings.inbound_for(self.bot.inbound_address)
             group = inbound.default_group if inbound else self.p.settings.groups[0].name
-        ticket = Ticket(
-            number=next_ticket_number(self.session, self.now),
-            subject=mail.subject,
-            state="new",
-            priority=decision.priority or "normal",
-            type=decision.type,
-            tags=list(decision.tags),
-            group=group,
-            owner=None,
+        ticket = open_ticket(
+            self.session, self.now, decision, subject=mail.subject, group=group,
             customer=customer_key(u.chat_id),
             customer_name=u.user_name if u.private else (u.chat_title or u.user_name),
-            channel=CHANNEL,
-            inbound_address=self.bot.inbound_address,
+            channel=CHANNEL, inbound_address=self.bot.inbound_address,
             channel_ref={"bot": self.bot.name, "chat_id": u.chat_id, "chat_type": u.chat_type,
                          "user_id": u.user_id, "username": u.username},
-            linked_ticket_id=None,
-            created_at=self.now,
-            updated_at=self.now,
-            escalation_level=0,
         )
-        self.session.add(ticket)
-        self.session.flush()
         self.session.add(Participant(ticket_id=ticket.id, address=ticket.customer,
                                      name=ticket.customer_name, role="customer"))
         article = self._store(ticket, mail)

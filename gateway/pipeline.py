@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
@@ -288,26 +288,11 @@ class Pipeline:
         if group is None:
             configured = self.settings.inbound_for(address)
             group = configured.default_group if configured else self.settings.groups[0].name
-        ticket = Ticket(
-            number=next_ticket_number(session, now),
-            subject=mail.subject or "(no subject)",
-            state="new",
-            priority=decision.priority or "normal",
-            type=decision.type,
-            tags=list(decision.tags),
-            group=group,
-            owner=None,
-            customer=mail.sender.address,
-            customer_name=mail.sender.name,
-            channel=inbound.channel.value,
-            inbound_address=address,
-            linked_ticket_id=linked.id if linked is not None else None,
-            created_at=now,
-            updated_at=now,
-            escalation_level=0,
+        ticket = open_ticket(
+            session, now, decision, subject=mail.subject or "(no subject)", group=group,
+            customer=mail.sender.address, customer_name=mail.sender.name,
+            channel=inbound.channel.value, inbound_address=address, linked=linked,
         )
-        session.add(ticket)
-        session.flush()
         self._add_participants(session, ticket, mail, customer=True)
         article = self._store_article(session, ticket, inbound, mail, info, now,
                                       kind="public", role="customer")
@@ -490,6 +475,47 @@ def _with_fallback_sender(mail: ParsedMail, inbound: Inbound) -> ParsedMail:
         return dataclasses.replace(mail, sender=Address(inbound.mail_from.lower()))
     raise StageError("normalise", "no-sender",
                      "no usable From, Reply-To or envelope sender: nobody to answer")
+
+
+def open_ticket(
+    session: Session,
+    now: dt.datetime,
+    decision: Decision,
+    *,
+    subject: str,
+    group: str,
+    customer: str,
+    customer_name: str,
+    channel: str,
+    inbound_address: str,
+    linked: Ticket | None = None,
+    channel_ref: dict[str, Any] | None = None,
+) -> Ticket:
+    """A new ticket as B5 has it (state new, no owner, what routing decided), numbered,
+    added and flushed: the rows that follow need its id. Every channel opens tickets here.
+    """
+    ticket = Ticket(
+        number=next_ticket_number(session, now),
+        subject=subject,
+        state="new",
+        priority=decision.priority or "normal",
+        type=decision.type,
+        tags=list(decision.tags),
+        group=group,
+        owner=None,
+        customer=customer,
+        customer_name=customer_name,
+        channel=channel,
+        inbound_address=inbound_address,
+        channel_ref=channel_ref,
+        linked_ticket_id=linked.id if linked is not None else None,
+        created_at=now,
+        updated_at=now,
+        escalation_level=0,
+    )
+    session.add(ticket)
+    session.flush()
+    return ticket
 
 
 def next_ticket_number(session: Session, now: dt.datetime) -> str:
