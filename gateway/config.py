@@ -169,7 +169,7 @@ class GroupSettings(_Section):
 
 
 class HttpSettings(_Section):
-    """[http]: the daemon's own HTTP server (Telegram webhooks; later the web form).
+    """[http]: the daemon's own HTTP server (Telegram webhooks, the read-only JSON API).
 
     It starts only when some feature registers a route on it.
     """

@@ -1,6 +1,6 @@
 """The daemon's own HTTP server: one aiohttp site on [http] host:port, owned by `App`.
 
-Features register their routes (Telegram webhooks now, the web form later)
+Features register their routes (Telegram webhooks, the JSON API in gateway/api.py)
 before `App` starts it; with no route registered it does not listen at all, so
 a mail-only daemon opens no HTTP port. Handlers answer only after their work is
 committed, like every other channel.
