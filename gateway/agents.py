@@ -185,16 +185,20 @@ class AgentReplies:
 
     def _relay(self, session: Session, ticket: Ticket, article: Article, agent_name: str,
                agent: str, mid: str | None, now: dt.datetime) -> None:
-        last = self._last_customer(session, ticket)
         parts = session.execute(select(Participant.address, Participant.name).where(
             Participant.ticket_id == ticket.id)).all()
-        refs = [m for m in [a.message_id for a in ticket.articles
-                            if a.direction == "in" and a.author_role == "customer"] if m]
+        # Only the customer's Message-IDs, newest last: threading needs nothing else, and
+        # loading the articles themselves would read every stored message body.
+        refs: list[str] = [m for m in session.scalars(
+            select(Article.message_id).where(
+                Article.ticket_id == ticket.id, Article.author_role == "customer",
+                Article.message_id.is_not(None))
+            .order_by(Article.id.desc()).limit(10)) if m][::-1]
         row = self.notifier.relay(
             session, ticket, article, agent_name=agent_name,
             participants=[(a, n) for a, n in parts],
-            in_reply_to=last.message_id if last is not None else None,
-            references=refs[-10:], now=now,
+            in_reply_to=refs[-1] if refs else None,
+            references=refs, now=now,
         )
         if row is None:
             # Nobody could be written to (e.g. an address outbound mail cannot encode):

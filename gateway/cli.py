@@ -14,6 +14,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import secrets
 import shutil
 import sys
@@ -40,19 +41,13 @@ DEFAULTS = Path(__file__).resolve().parent / "defaults"
 def _load(args: argparse.Namespace) -> Settings:
     given = getattr(args, "config", None)
     path = Path(given) if given else default_config_path()
-    if not path.exists() and not given and "HELPDESKD_CONFIG" not in _env():
+    if not path.exists() and not given and "HELPDESKD_CONFIG" not in os.environ:
         # Embedded defaults: the shipped demo config, relative to the current directory.
         settings = load_settings(DEFAULTS / "helpdeskd.toml")
         settings = settings.model_copy(update={"base_dir": Path.cwd()})
     else:
         settings = load_settings(path)
     return with_real_secret(settings)
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 def _app(args: argparse.Namespace) -> Any:
@@ -135,7 +130,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_rules_explain(args: argparse.Namespace) -> int:
     from gateway.mail.parse import ParseError, parse_mail
-    from gateway.message import Channel, Inbound
+    from gateway.message import Channel
     from gateway.routing import RoutingFacts, load_rules
 
     settings = _load(args)
@@ -155,7 +150,6 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
         to=tuple(a.address for a in mail.to), cc=tuple(a.address for a in mail.cc),
         body=mail.text, headers=mail.headers, channel=Channel.EMAIL.value, inbound=inbound,
     )
-    del Inbound
     decision = rules.evaluate(facts)
     group = decision.group
     why = "set by a rule"

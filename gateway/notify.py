@@ -337,17 +337,8 @@ class Notifier:
             "relay_failed.txt", hook=self.hooks.format(ticket.number), problem=problem,
             helpdesk=self.helpdesk,
         )
-        settings = self.settings.agent(agent)
-        out = Outbound(
-            sender=self._sender(ticket),
-            to=(Address(agent, settings.name if settings else ""),),
-            subject=self.hooks.subject(ticket.number, ticket.subject, prefix="Not sent: "),
-            text=text,
-            in_reply_to=in_reply_to,
-            references=(in_reply_to,) if in_reply_to else (),
-            auto_submitted="auto-replied",
-        )
-        return self.enqueue(session, ticket, "error", out, now=now, automatic=True)
+        return self._to_agent(session, ticket, agent, "Not sent: ", text,
+                              in_reply_to=in_reply_to, now=now)
 
     def command_error(
         self,
@@ -365,12 +356,19 @@ class Notifier:
             "command_error.txt", hook=self.hooks.format(ticket.number), problems=problems,
             valid=valid, helpdesk=self.helpdesk,
         )
+        return self._to_agent(session, ticket, agent, "Not applied: ", text,
+                              in_reply_to=in_reply_to, now=now)
+
+    def _to_agent(
+        self, session: Session, ticket: Ticket, agent: str, prefix: str, text: str, *,
+        in_reply_to: str | None, now: dt.datetime,
+    ) -> OutboxRow | None:
+        """An error mail to an agent about their reply: automatic, so rate-capped."""
         settings = self.settings.agent(agent)
         out = Outbound(
             sender=self._sender(ticket),
             to=(Address(agent, settings.name if settings else ""),),
-            subject=self.hooks.subject(ticket.number, ticket.subject,
-                                       prefix="Not applied: "),
+            subject=self.hooks.subject(ticket.number, ticket.subject, prefix=prefix),
             text=text,
             in_reply_to=in_reply_to,
             references=(in_reply_to,) if in_reply_to else (),

@@ -155,7 +155,8 @@ class Article(Base):
     html: Mapped[str | None] = mapped_column(Text)
     message_id: Mapped[str | None] = mapped_column(String(998))
     automatic: Mapped[bool] = mapped_column(default=False)
-    raw: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Kept for the record, read by nobody on the hot paths: loaded only when asked for.
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
     ticket: Mapped[Ticket] = relationship()
