@@ -2,7 +2,7 @@
 
 `Pipeline.ingest` hands every Telegram `Inbound` here. The adapter has already
 downloaded the update's files, so this path is network-free like the mail path
-and runs in the same savepoint; everything the bot answers is an outbox row
+and runs in the same transaction; everything the bot answers is an outbox row
 (channel "telegram") committed together with the ticket change that caused it.
 
 `Inbound.raw` is the JSON that `encode_raw` writes: the bot's configured name,
@@ -190,7 +190,7 @@ def customer_key(chat_id: int) -> str:
 
 
 def ingest(pipeline: Pipeline, session: Session, inbound: Inbound, now: dt.datetime) -> Disposition:
-    """Ingest one Telegram update inside the caller's savepoint."""
+    """Ingest one Telegram update inside the caller's transaction."""
     with stage("parse"):
         try:
             upd = parse_raw(inbound.raw)
@@ -208,8 +208,9 @@ def ingest(pipeline: Pipeline, session: Session, inbound: Inbound, now: dt.datet
     path = _ChatPath(pipeline, session, inbound, upd, bot, now)
     result = path.run()
     # The update id is recorded whatever happened to it, so a redelivery is a duplicate.
-    session.add(MessageId(message_id=key, ticket_id=path.ticket_id,
-                          direction="in" if path.ticket_id else "dropped", created_at=now))
+    session.add(MessageId(message_id=key, ticket=path.ticket,
+                          direction="in" if path.ticket is not None else "dropped",
+                          created_at=now))
     return dataclasses.replace(result, message_id=key)
 
 
@@ -225,7 +226,7 @@ class _ChatPath:
         self.upd = upd
         self.bot = bot
         self.now = now
-        self.ticket_id: int | None = None
+        self.ticket: Ticket | None = None  # the ticket the update went to
         self.tag = f"telegram {bot.name}: update {upd.update_id}"
 
     def run(self) -> Disposition:
@@ -280,7 +281,7 @@ class _ChatPath:
                           limit_mb=self.bot.max_download_bytes // (1024 * 1024),
                           address=ticket.inbound_address,
                           hook=self.p.hooks.format(ticket.number))
-        self.ticket_id = ticket.id
+        self.ticket = ticket
         return Disposition(outcome, ticket.number)
 
     def _create(self, mail: ParsedMail, decision: Decision) -> Ticket:
@@ -298,7 +299,7 @@ class _ChatPath:
             channel_ref={"bot": self.bot.name, "chat_id": u.chat_id, "chat_type": u.chat_type,
                          "user_id": u.user_id, "username": u.username},
         )
-        self.session.add(Participant(ticket_id=ticket.id, address=ticket.customer,
+        self.session.add(Participant(ticket=ticket, address=ticket.customer,
                                      name=ticket.customer_name, role="customer"))
         article = self._store(ticket, mail)
         self.session.add(Event(ticket=ticket, at=self.now, actor=ticket.customer, kind="created",
@@ -360,7 +361,7 @@ class _ChatPath:
                                      "before": before, "after": article.body,
                                      "edit_date": edit_date}))
         ticket.updated_at = self.now
-        self.ticket_id = ticket.id
+        self.ticket = ticket
         log.info("%s: message %s on ticket %s edited", self.tag, key, ticket.number)
         return Disposition(Outcome.FOLLOWUP, ticket.number, reason="edited")
 
@@ -402,7 +403,7 @@ class _ChatPath:
         self.p.changed(self.session, ticket, "state", self.now)
         self._say(ticket, "bot", "telegram_closed.txt", automatic=False, ticket=ticket,
                   hook=self.p.hooks.format(ticket.number))
-        self.ticket_id = ticket.id
+        self.ticket = ticket
         log.info("%s: ticket %s closed by the customer", self.tag, ticket.number)
         return Disposition(Outcome.COMMAND, ticket.number, reason="/close")
 

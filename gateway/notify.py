@@ -24,6 +24,7 @@ from gateway.followup import Hooks, make_token, reply_address
 from gateway.mail.compose import ComposeError, compose, encode_address, make_message_id
 from gateway.message import Address, Outbound
 from gateway.store.models import Article, Event, MessageId, OutboxRow, Ticket
+from gateway.store.pending import pending_of
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,19 @@ class Notifier:
     def _rate_limited(self, session: Session, address: str, now: dt.datetime) -> bool:
         limit = self.settings.outbound.auto_mail_per_hour
         since = now - dt.timedelta(hours=1)
-        # On the session's connection, so no autoflush: earlier messages' rows were
-        # flushed when their savepoints closed, and flushing this message's half-built
-        # rows here would cost a round of SQL.
-        count = session.connection().scalar(
+        # On the session's connection, so no autoflush (flushing this message's
+        # half-built rows would cost a round of SQL): rows not flushed yet, this
+        # message's and, in the intake's fast path, the batch's, are counted apart.
+        count: int = session.connection().scalar(
             _AUTO_MAIL_COUNT, {"address": address, "since": since}
-        )
-        return (count or 0) >= limit
+        ) or 0
+        pending = pending_of(session)
+        if pending is not None:
+            count += pending.outbox_to[address]
+        else:
+            count += sum(1 for o in session.new
+                         if isinstance(o, OutboxRow) and o.to_address == address)
+        return count >= limit
 
     def enqueue(
         self,
@@ -137,7 +144,7 @@ class Notifier:
         message_id = make_message_id(self.domain)
         raw = compose(out, message_id=message_id, date=now, loop_value=self.loop_value)
         row = OutboxRow(
-            ticket_id=ticket.id if ticket is not None else None,
+            ticket=ticket,
             channel="email",
             kind=kind,
             to_address=to[0].address,
@@ -153,7 +160,7 @@ class Notifier:
         )
         session.add(row)
         if ticket is not None:
-            session.add(MessageId(message_id=message_id, ticket_id=ticket.id,
+            session.add(MessageId(message_id=message_id, ticket=ticket,
                                   direction="out", created_at=now))
         return row
 
@@ -305,7 +312,7 @@ class Notifier:
         sender = (ticket.inbound_address if ticket is not None
                   else bot_settings.inbound_address if bot_settings is not None else "")
         row = OutboxRow(
-            ticket_id=ticket.id if ticket is not None else None,
+            ticket=ticket,
             channel="telegram",
             kind=kind,
             to_address=to,

@@ -2,9 +2,13 @@
 
 parse -> dedup -> loop check -> automatic-mail check -> report? -> reply token?
 -> follow-up match -> routing -> persist. Every step runs inside the caller's
-transaction (a savepoint per message, see `intake`); a step that raises is
-reported as a `StageError` naming the step, and the caller quarantines the
-message with that stage and reason. Nothing here talks to the network.
+transaction (see `intake`); a step that raises is reported as a `StageError`
+naming the step, and the caller quarantines the message with that stage and
+reason. Nothing here talks to the network.
+
+Under the intake's fast path autoflush is off: every lookup of a row that an
+earlier message of the same batch may have added goes through
+`gateway.store.pending` first.
 """
 
 from __future__ import annotations
@@ -47,12 +51,13 @@ from gateway.store.models import (
     QuarantineRow,
     Ticket,
 )
+from gateway.store.pending import Pending, autoflushing, pending_of
 
 log = logging.getLogger(__name__)
 
 # The per-message statements are built once: building a statement and its cache key
 # each time cost several times what SQLite takes to run it.
-# Dedup, through the session (so it autoflushes, as session.get did).
+# Dedup, through the session (so it autoflushes outside the intake's fast path).
 _SEEN = select(MessageId.message_id).where(MessageId.message_id == bindparam("key"))
 # The ticket-number counter, in Core on the session's connection (see next_ticket_number).
 _counters = cast(Table, Counter.__table__)
@@ -146,13 +151,18 @@ class Pipeline:
             # Chat updates take their own path (gateway.chat), reusing the steps below.
             from gateway import chat
 
-            return chat.ingest(self, session, inbound, now)
+            # The chat path looks up the chat's tickets, articles and update ids.
+            with autoflushing(session):
+                return chat.ingest(self, session, inbound, now)
         with stage("parse"):
             mail = parse_mail(inbound.raw)
         mid = mail.message_id
         # Mail without Message-ID (scripts) is deduplicated only by its channel's own id
         # (an IMAP mailbox's UIDVALIDITY:UID), so a re-fetch after a crash is a no-op.
         key = mid or inbound.channel_message_id
+        pending = pending_of(session)
+        if pending is not None and self._reads_pending(pending, mail, key):
+            pending.flush(session)
         with stage("dedup"):
             if key and session.scalar(_SEEN, {"key": key}) is not None:
                 log.info("message %s: duplicate, discarded", key)
@@ -162,6 +172,24 @@ class Pipeline:
             session.add(MessageId(message_id=key, ticket_id=None, direction="channel",
                                   created_at=now))
         return result
+
+    def _reads_pending(self, pending: Pending, mail: ParsedMail, key: str | None) -> bool:
+        """Could this customer mail's lookups hit a row the batch has not flushed yet?
+
+        Dedup and threading look up Message-IDs, subject hooks look up ticket numbers,
+        and whether a sender may follow up (and which To/Cc are new) looks up the
+        ticket's participants by address.
+        """
+        if key is not None and key in pending.message_ids:
+            return True
+        if pending.any_in((*mail.references, *mail.in_reply_to), pending.message_ids):
+            return True
+        if pending.numbers and pending.any_in(self.hooks.find(mail.subject), pending.numbers):
+            return True
+        addresses = [a.address for a in (*mail.to, *mail.cc, *mail.reply_to)]
+        if mail.sender is not None:
+            addresses.append(mail.sender.address)
+        return pending.any_in(addresses, pending.addresses)
 
     def _ingest_mail(
         self, session: Session, inbound: Inbound, mail: ParsedMail, now: dt.datetime
@@ -176,12 +204,14 @@ class Pipeline:
                 return Disposition(Outcome.LOOP, message_id=mid, reason=loop)
             info = auto.classify(mail, inbound.mail_from)
         if info.is_report:
-            with stage("report"):
+            with stage("report"), autoflushing(session):
                 return self._report(session, inbound, mail, now)
         with stage("token"):
             token_addr = self._token_address(inbound, mail)
         if token_addr is not None:
-            with stage("agent"):
+            # Agent replies and commands read the ticket's articles, participants and
+            # more: make the batch so far visible rather than check each lookup.
+            with stage("agent"), autoflushing(session):
                 return self.agent_replies.handle(
                     session, inbound, mail, token_addr, info, now, self._store_article
                 )
@@ -198,7 +228,7 @@ class Pipeline:
                                           direction="dropped", created_at=now))
                 return Disposition(Outcome.DROPPED, message_id=mid, reason=decision.drop_rule or "")
         if ticket is not None:
-            with stage("persist"):
+            with stage("persist"), autoflushing(session):
                 return self._followup(session, inbound, mail, ticket, info, now)
         with stage("persist"):
             return self._create(session, inbound, mail, decision, info, linked, now)
@@ -395,7 +425,7 @@ class Pipeline:
             if self.settings.agent(address) is not None:
                 continue
             existing.add(address)
-            session.add(Participant(ticket_id=ticket.id, address=address, name=name, role=role))
+            session.add(Participant(ticket=ticket, address=address, name=name, role=role))
 
     def _store_article(
         self,
@@ -433,23 +463,26 @@ class Pipeline:
         )
         session.add(article)
         blobs: dict[str, Blob] = {}  # the same file twice in one mail is one blob
+        pending = pending_of(session)
         for att in mail.attachments:
             digest = hashlib.sha256(att.data).hexdigest()
+            if pending is not None and digest not in blobs and digest in pending.blobs:
+                pending.flush(session)  # an earlier message of the batch brought it
             blob = blobs.get(digest) or session.get(Blob, digest)
             if blob is None:
                 blob = Blob(sha256=digest, size=len(att.data), data=att.data)
                 session.add(blob)
             blobs[digest] = blob
-            # `blob` set, not only `sha256`: nothing is flushed before the savepoint ends,
-            # and a pending attachment's blob would not load (chat notifications carry it).
+            # `blob` set, not only `sha256`: the rows may not be flushed yet, and a
+            # pending attachment's blob would not load (chat notifications carry it).
             article.attachments.append(Attachment(
                 filename=att.filename, content_type=att.content_type, sha256=digest,
                 size=len(att.data), blob=blob,
             ))
         if mail.message_id:
-            session.add(MessageId(message_id=mail.message_id, ticket_id=ticket.id,
+            session.add(MessageId(message_id=mail.message_id, ticket=ticket,
                                   direction="in", created_at=now))
-        # No flush here: the rows go out with the message's savepoint, batched by table.
+        # No flush here: the rows go out together, batched by table.
         return article
 
 
@@ -491,8 +524,10 @@ def open_ticket(
     linked: Ticket | None = None,
     channel_ref: dict[str, Any] | None = None,
 ) -> Ticket:
-    """A new ticket as B5 has it (state new, no owner, what routing decided), numbered,
-    added and flushed: the rows that follow need its id. Every channel opens tickets here.
+    """A new ticket as B5 has it (state new, no owner, what routing decided), numbered
+    and added, not flushed: rows that belong to it refer to it by relationship
+    (`ticket=`), so its id is only needed when the batch flushes. Every channel opens
+    tickets here.
     """
     ticket = Ticket(
         number=next_ticket_number(session, now),
@@ -514,7 +549,6 @@ def open_ticket(
         escalation_level=0,
     )
     session.add(ticket)
-    session.flush()
     return ticket
 
 

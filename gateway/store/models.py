@@ -203,6 +203,8 @@ class MessageId(Base):
     direction: Mapped[str] = mapped_column(String(8))  # in | out | dropped
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
+    ticket: Mapped[Ticket | None] = relationship()
+
 
 class Event(Base):
     """The audit trail: routing decisions, state changes, commands, deliveries."""
@@ -252,6 +254,8 @@ class OutboxRow(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    ticket: Mapped[Ticket | None] = relationship()
 
 
 class QuarantineRow(Base):

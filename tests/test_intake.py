@@ -1,0 +1,190 @@
+"""The intake's batches: one flush per batch of new tickets, and nothing it changes.
+
+A batch runs with autoflush off and flushes at the commit (gateway.intake's fast
+path). These tests put messages that depend on each other into one batch and check
+that every one of them is decided exactly as it would be alone: a follow-up finds
+the ticket opened a moment earlier, a duplicate is a duplicate, an attachment is
+stored once, the rate limit counts the batch, and a bad message is quarantined
+without losing the rest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
+from support.app import demo_config
+from support.mailer import make_mail
+
+from gateway.chat import encode_raw
+from gateway.config import Settings, parse_settings
+from gateway.daemon import App
+from gateway.message import Channel, Inbound
+from gateway.pipeline import Disposition
+from gateway.store.models import (
+    Article,
+    Blob,
+    OutboxRow,
+    Participant,
+    QuarantineRow,
+    Ticket,
+)
+
+
+@pytest.fixture
+def app(settings: Settings, clock: Any) -> Iterator[App]:
+    app = App(settings, clock=clock)
+    yield app
+    app.engine.dispose()
+
+
+def mail_in(raw: bytes, mail_from: str | None = "dana@users.test") -> Inbound:
+    return Inbound(Channel.EMAIL, raw, dt.datetime.now(dt.UTC), "test", mail_from,
+                   ("help@helpdesk.test",))
+
+
+def batch(app: App, *raws: bytes | Inbound, redone: int = 0) -> list[Disposition]:
+    """Ingest the messages as one batch, as a burst would; `redone`: whether the fast
+    path is expected to give the batch up (else each message's own decision is tested
+    on the fast path, not rescued by the safe one).
+    """
+    before = app.intake.redone
+    results = app.intake._process_batch([r if isinstance(r, Inbound) else mail_in(r)
+                                         for r in raws])
+    assert app.intake.redone - before == redone
+    return results
+
+
+def outcomes(results: list[Disposition]) -> list[str]:
+    return [r.outcome.value for r in results]
+
+
+def count(app: App, what: Any, *where: Any) -> int:
+    with app.sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(what).where(*where)) or 0)
+
+
+def test_a_batch_of_new_tickets_is_flushed_once(app: App) -> None:
+    batch(app, make_mail("The day's first ticket creates the day's counter row"))
+    flushes: list[int] = []
+
+    def counted(session: Session, _context: Any) -> None:
+        flushes.append(len(session.new))
+
+    event.listen(Session, "after_flush", counted)
+    try:
+        results = batch(app, *(make_mail(f"Request {i}", sender=f"u{i}@users.test")
+                               for i in range(16)))
+    finally:
+        event.remove(Session, "after_flush", counted)
+    assert outcomes(results) == ["created"] * 16
+    assert len(flushes) == 1  # at the commit: tickets, articles, outbox rows together
+    assert count(app, Ticket) == 17
+    # Two outbound mails per ticket (acknowledgement, agent notification), each linked.
+    assert count(app, OutboxRow, OutboxRow.ticket_id.is_not(None)) == 34
+
+
+def test_follow_up_in_the_same_batch_finds_the_new_ticket_by_references(app: App) -> None:
+    first = make_mail("VM quota", message_id="<first@users.test>")
+    second = make_mail("Re: VM quota", "One more detail.", in_reply_to="<first@users.test>",
+                       references="<first@users.test>")
+    results = batch(app, first, second)
+    assert outcomes(results) == ["created", "followup"]
+    assert results[0].ticket == results[1].ticket
+    assert count(app, Ticket) == 1 and count(app, Article) == 2
+
+
+def test_follow_up_in_the_same_batch_finds_the_new_ticket_by_its_hook(app: App, clock: Any) -> None:
+    number = clock.now.strftime("%Y%m%d") + "00001"  # the day's first ticket
+    first = make_mail("Cannot log in")
+    second = make_mail(f"{app.hooks.format(number)} still broken", message_id="<x@users.test>")
+    results = batch(app, first, second)
+    assert [(r.outcome.value, r.ticket) for r in results] == [
+        ("created", number), ("followup", number)]
+
+
+def test_a_cc_added_earlier_in_the_batch_may_follow_up(app: App) -> None:
+    opened = batch(app, make_mail("Storage", message_id="<s1@users.test>"))[0]
+    # Dana follows up copying Erin; Erin answers the original thread in the same batch.
+    dana = make_mail("Re: Storage", cc="Erin <erin@users.test>", in_reply_to="<s1@users.test>")
+    erin = make_mail("Re: Storage", "Same for me.", sender="Erin <erin@users.test>",
+                     in_reply_to="<s1@users.test>")
+    results = batch(app, dana, mail_in(erin, "erin@users.test"))
+    assert [(r.outcome.value, r.ticket) for r in results] == [
+        ("followup", opened.ticket), ("followup", opened.ticket)]
+    assert count(app, Participant, Participant.address == "erin@users.test") == 1
+
+
+def test_the_same_message_twice_in_one_batch_is_one_article(app: App) -> None:
+    raw = make_mail("Twice", message_id="<twice@users.test>")
+    assert outcomes(batch(app, raw, raw, make_mail("Other"))) == [
+        "created", "duplicate", "created"]
+    assert count(app, Article) == 2
+
+
+def test_the_same_attachment_in_one_batch_is_stored_once(app: App) -> None:
+    def with_log(subject: str) -> bytes:
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "dana@users.test", "help@helpdesk.test", subject
+        msg.set_content("log attached")
+        msg.add_attachment(b"same log\n" * 100, maintype="text", subtype="plain",
+                           filename="job.log")
+        return msg.as_bytes()
+
+    assert outcomes(batch(app, with_log("first"), with_log("second"))) == ["created"] * 2
+    assert count(app, Blob) == 1
+
+
+def test_the_hourly_cap_on_automatic_mail_counts_the_batch(
+    tmp_path: Path, db_url: str, clock: Any
+) -> None:
+    data = demo_config(tmp_path, db_url, outbound={"maildir": str(tmp_path / "out"),
+                                                   "auto_mail_per_hour": 2})
+    app = App(parse_settings(data, base_dir=tmp_path, environ={}), clock=clock)
+    try:
+        results = batch(app, *(make_mail(f"Problem {i}") for i in range(3)))
+        assert outcomes(results) == ["created"] * 3
+        # Three tickets, but only two acknowledgements to Dana within the hour.
+        assert count(app, OutboxRow, OutboxRow.kind == "ack") == 2
+    finally:
+        app.engine.dispose()
+
+
+def test_a_bad_message_is_quarantined_and_the_rest_of_its_batch_kept(app: App, clock: Any) -> None:
+    nobody = make_mail("Who am I", sender="")  # no From, no Reply-To, no envelope sender
+    results = batch(app, make_mail("one"), mail_in(nobody, None), make_mail("two"), redone=1)
+    assert outcomes(results) == ["created", "quarantined", "created"]
+    assert "no-sender" in results[1].reason
+    assert count(app, QuarantineRow) == 1
+    # The abandoned first attempt left no gap in the day's numbers.
+    day = clock.now.strftime("%Y%m%d")
+    assert [results[0].ticket, results[2].ticket] == [f"{day}00001", f"{day}00002"]
+
+
+def test_chat_messages_in_one_batch_go_to_the_same_ticket(
+    tmp_path: Path, db_url: str, clock: Any
+) -> None:
+    data = demo_config(tmp_path, db_url, telegram=[{
+        "name": "helpbot", "token": "123:test", "inbound_address": "help@helpdesk.test",
+        "base_url": "http://127.0.0.1:9/bot", "base_file_url": "http://127.0.0.1:9/file/bot"}])
+    app = App(parse_settings(data, base_dir=tmp_path, environ={}), clock=clock)
+
+    def update(update_id: int, text: str) -> Inbound:
+        message = {"message_id": update_id, "date": 1700000000, "text": text,
+                   "chat": {"id": 5, "type": "private"},
+                   "from": {"id": 5, "is_bot": False, "first_name": "Dana"}}
+        raw = encode_raw("helpbot", {"update_id": update_id, "message": message})
+        return Inbound(Channel.TELEGRAM, raw, clock.now, "telegram:helpbot", None, ())
+
+    try:
+        results = batch(app, update(1, "The portal is down"), update(2, "Since 9:00"))
+        assert outcomes(results) == ["created", "followup"]
+        assert results[0].ticket == results[1].ticket
+    finally:
+        app.engine.dispose()
