@@ -16,6 +16,7 @@ import re
 import secrets
 import tomllib
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -445,15 +446,19 @@ class Settings(_Section):
                 return a
         return None
 
+    @cached_property
+    def inbound_index(self) -> dict[str, InboundAddress]:
+        """Inbound addresses by address (asked several times for every message)."""
+        return {i.address: i for i in reversed(self.inbound)}  # the first one wins
+
     def inbound_for(self, address: str) -> InboundAddress | None:
         """The inbound address `address` delivers to, `+` sub-addresses included."""
         address = address.lower()
-        local, _, domain = address.rpartition("@")
-        base = local.split("+", 1)[0]
-        for i in self.inbound:
-            if i.address == address or i.address == f"{base}@{domain}":
-                return i
-        return None
+        found = self.inbound_index.get(address)
+        if found is None and "+" in address:
+            local, _, domain = address.rpartition("@")
+            found = self.inbound_index.get(f"{local.split('+', 1)[0]}@{domain}")
+        return found
 
     @property
     def own_domains(self) -> frozenset[str]:

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.message import Inbound
 from gateway.pipeline import Disposition, Outcome, Pipeline, StageError, quarantine
-from gateway.store.pending import track, untrack
+from gateway.store.pending import finish, track, untrack
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,10 @@ class Intake:
             track(session)
             try:
                 with session.begin(), session.no_autoflush:
-                    return [self.pipeline.ingest(session, inbound, now) for inbound in inbounds]
+                    results = [self.pipeline.ingest(session, inbound, now)
+                               for inbound in inbounds]
+                    finish(session)
+                return results
             finally:
                 untrack(session)
 

@@ -96,19 +96,20 @@ class Notifier:
     def _rate_limited(self, session: Session, address: str, now: dt.datetime) -> bool:
         limit = self.settings.outbound.auto_mail_per_hour
         since = now - dt.timedelta(hours=1)
-        # On the session's connection, so no autoflush (flushing this message's
-        # half-built rows would cost a round of SQL): rows not flushed yet, this
-        # message's and, in the intake's fast path, the batch's, are counted apart.
-        count: int = session.connection().scalar(
-            _AUTO_MAIL_COUNT, {"address": address, "since": since}
-        ) or 0
+
+        def flushed() -> int:
+            # On the session's connection, so no autoflush (flushing this message's
+            # half-built rows would cost a round of SQL): rows not flushed yet are
+            # counted apart.
+            return int(session.connection().scalar(
+                _AUTO_MAIL_COUNT, {"address": address, "since": since}) or 0)
+
         pending = pending_of(session)
-        if pending is not None:
-            count += pending.outbox_to[address]
-        else:
-            count += sum(1 for o in session.new
-                         if isinstance(o, OutboxRow) and o.to_address == address)
-        return count >= limit
+        if pending is not None:  # the intake's fast path: once per address and batch
+            return pending.auto_mail_count(address, flushed) >= limit
+        unflushed = sum(1 for o in session.new if isinstance(o, OutboxRow)
+                        and o.automatic and o.to_address == address)
+        return flushed() + unflushed >= limit
 
     def enqueue(
         self,

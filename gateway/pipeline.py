@@ -562,13 +562,23 @@ def next_ticket_number(session: Session, now: dt.datetime) -> str:
     """
     day = now.astimezone(dt.UTC).strftime("%Y%m%d")
     name = f"ticket:{day}"
+    pending = pending_of(session)
+
+    def bump() -> int | None:
+        value: int | None = session.connection().scalar(_BUMP_COUNTER, {"counter": name})
+        return value
+
     for _ in range(3):
-        value = session.connection().scalar(_BUMP_COUNTER, {"counter": name})
+        # In the intake's fast path the counter is bumped once per batch and counted
+        # on in memory (gateway.store.pending), then written back before the commit.
+        value = bump() if pending is None else pending.next_value(name, bump)
         if value is not None:
             return f"{day}{value:05d}"
         try:
             with session.begin_nested():
                 session.add(Counter(name=name, value=1))
+            if pending is not None:
+                pending.counters[name] = 1
             return f"{day}{1:05d}"
         except IntegrityError:
             continue  # another daemon created the row first; bump it instead

@@ -5,9 +5,15 @@ autoflush off and flushes once at the end: one flush of a batch costs about what
 one flush per message did, and flushes were half of the writer's time. A lookup
 then cannot see rows added earlier in the same batch, so every lookup the mail
 path makes first asks `Pending` whether its key is among them, and flushes if it
-is (`Pending.flush_for`): a follow-up to a ticket opened a few milliseconds
+is (`Pending.flush`): a follow-up to a ticket opened a few milliseconds
 earlier still finds it. Rows are recorded as they join the session
 (`transient_to_pending`), so no `session.add` site has to remember to.
+
+Two per-message queries are also answered once per batch here: the hourly count
+of automatic mail to an address (`auto_mail_count`) and the daily ticket-number
+counter (`next_value`, written back by `finish` before the commit). Both are safe
+because the batch's transaction holds the write lock: SQLite's (BEGIN IMMEDIATE),
+or on PostgreSQL the counter row's lock, taken by the first bump.
 
 Outside the fast path there is no `Pending` on the session, `pending_of` returns
 None, and lookups rely on autoflush as usual.
@@ -16,29 +22,41 @@ None, and lookups rely on autoflush as usual.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import event
+from sqlalchemy import Table, bindparam, event, update
 from sqlalchemy.orm import Session
 
 from gateway.store.models import Blob, MessageId, OutboxRow, Participant, Ticket
+from gateway.store.models import Counter as CounterRow
 
 _KEY = "helpdeskd.pending"
+_counters = cast(Table, CounterRow.__table__)
+_SET_COUNTER = (
+    update(_counters).where(_counters.c.name == bindparam("counter"))
+    .values(value=bindparam("new_value"))
+)
 
 
 class Pending:
     """Keys of the rows added to one session since its last flush."""
 
-    __slots__ = ("addresses", "blobs", "flushes", "message_ids", "numbers", "outbox_to")
+    __slots__ = ("addresses", "auto_added", "auto_before", "auto_unflushed", "blobs",
+                 "counters", "flushes", "message_ids", "numbers")
 
     def __init__(self) -> None:
         self.message_ids: set[str] = set()  # MessageId rows: dedup and threading
         self.numbers: set[str] = set()  # new tickets: subject hooks, reply tokens
         self.addresses: set[str] = set()  # participants: who may follow up
         self.blobs: set[str] = set()  # attachment contents by SHA-256
-        self.outbox_to: Counter[str] = Counter()  # outbox rows per first recipient
+        # Automatic outbox rows per first recipient: added in this batch, of which not
+        # flushed yet, and the count of the rows from before the batch (as queried).
+        self.auto_added: Counter[str] = Counter()
+        self.auto_unflushed: Counter[str] = Counter()
+        self.auto_before: dict[str, int] = {}
+        self.counters: dict[str, int] = {}  # ticket-number counters bumped in this batch
         self.flushes = 0  # how many lookups had to flush (for the bench and tests)
 
     def _added(self, _session: Session, obj: Any) -> None:
@@ -47,18 +65,44 @@ class Pending:
         elif isinstance(obj, Participant):
             self.addresses.add(obj.address)
         elif isinstance(obj, OutboxRow):
-            self.outbox_to[obj.to_address] += 1
+            if obj.automatic:
+                self.auto_added[obj.to_address] += 1
+                self.auto_unflushed[obj.to_address] += 1
         elif isinstance(obj, Ticket):
             self.numbers.add(obj.number)
         elif isinstance(obj, Blob):
             self.blobs.add(obj.sha256)
 
     def clear(self) -> None:
+        """Everything added so far is flushed (batch-long tallies stay)."""
         self.message_ids.clear()
         self.numbers.clear()
         self.addresses.clear()
         self.blobs.clear()
-        self.outbox_to.clear()
+        self.auto_unflushed.clear()
+
+    def auto_mail_count(self, address: str, query: Callable[[], int]) -> int:
+        """Automatic mail to `address` in the window: `query()` (the flushed rows) is
+        asked once per address and batch; the batch's own rows are counted here."""
+        before = self.auto_before.get(address)
+        if before is None:
+            flushed_of_batch = self.auto_added[address] - self.auto_unflushed[address]
+            before = self.auto_before[address] = query() - flushed_of_batch
+        return before + self.auto_added[address]
+
+    def next_value(self, name: str, bump: Callable[[], int | None]) -> int | None:
+        """The counter's next value: `bump()` (UPDATE ... RETURNING, which takes the row's
+        lock) the first time in the batch, counted here after; None if the row is missing."""
+        value = self.counters.get(name)
+        if value is None:
+            got = bump()
+            if got is None:
+                return None
+            value = got
+        else:
+            value += 1
+        self.counters[name] = value
+        return value
 
     def any_in(self, keys: Iterable[str], among: set[str]) -> bool:
         return bool(among) and any(k in among for k in keys)
@@ -77,6 +121,14 @@ def track(session: Session) -> Pending:
     session.info[_KEY] = pending
     event.listen(session, "transient_to_pending", pending._added)
     return pending
+
+
+def finish(session: Session) -> None:
+    """Before the commit: write back the counters `next_value` advanced in memory."""
+    pending = pending_of(session)
+    if pending is not None and pending.counters:
+        session.connection().execute(_SET_COUNTER, [
+            {"counter": name, "new_value": value} for name, value in pending.counters.items()])
 
 
 def untrack(session: Session) -> None:
