@@ -144,8 +144,14 @@ class Intake:
         except Exception as exc:
             log.error("store: batch of %d message(s) not committed: %s", len(jobs), exc)
             results = StoreUnavailable(str(exc))
+        # One wake-up per event loop and batch, not per message: each wake-up is a write
+        # to the loop's self-pipe and a turn of the loop.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Disposition],
+                                                             int]]] = {}
         for i, job in enumerate(jobs):
-            job.loop.call_soon_threadsafe(_resolve, job.future, results, i)
+            by_loop.setdefault(job.loop, []).append((job.future, i))
+        for loop, futures in by_loop.items():
+            loop.call_soon_threadsafe(_resolve, futures, results)
 
     def _process_batch(self, inbounds: list[Inbound]) -> list[Disposition]:
         now = self.clock()
@@ -199,11 +205,13 @@ class Intake:
 
 
 def _resolve(
-    future: asyncio.Future[Disposition], results: list[Disposition] | BaseException, i: int
+    futures: list[tuple[asyncio.Future[Disposition], int]],
+    results: list[Disposition] | BaseException,
 ) -> None:
-    if future.done():
-        return
-    if isinstance(results, BaseException):
-        future.set_exception(results)
-    else:
-        future.set_result(results[i])
+    for future, i in futures:
+        if future.done():  # the submitter gave up waiting (cancelled)
+            continue
+        if isinstance(results, BaseException):
+            future.set_exception(results)
+        else:
+            future.set_result(results[i])

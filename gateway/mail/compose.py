@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
-import secrets
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -323,6 +324,24 @@ def _thread_ids(references: Sequence[str], in_reply_to: str | None) -> list[str]
     return ids
 
 
+_random = threading.local()
+
+
+def random_hex(n: int) -> str:
+    """`n` bytes from the OS's CSPRNG, as hex, read 4 KiB at a time per thread.
+
+    One getrandom() call per Message-ID released the GIL each time, and in a busy
+    daemon every release costs a wait to get it back.
+    """
+    buf: bytes = getattr(_random, "buf", b"")
+    pos: int = getattr(_random, "pos", 0)
+    if pos + n > len(buf):
+        buf, pos = os.urandom(max(4096, n)), 0
+        _random.buf = buf
+    _random.pos = pos + n
+    return buf[pos:pos + n].hex()
+
+
 def make_message_id(domain: str) -> str:
     """A new, globally unique Message-ID for `domain`, without angle brackets.
 
@@ -337,7 +356,7 @@ def make_message_id(domain: str) -> str:
             raise ComposeError(f"invalid Message-ID domain: {domain!r}") from None
     if not host or host.startswith("[") or not _DOMAIN.match(host):
         raise ComposeError(f"invalid Message-ID domain: {domain!r}")
-    return f"{time.time_ns() // 1_000_000:x}.{secrets.token_hex(10)}@{host.lower()}"
+    return f"{time.time_ns() // 1_000_000:x}.{random_hex(10)}@{host.lower()}"
 
 
 # -- MIME bodies ------------------------------------------------------------------------
@@ -456,7 +475,7 @@ def _attachment_part(att: Attachment) -> _Part:
 def _multipart(subtype: str, parts: Sequence[_Part]) -> _Part:
     # "=_" cannot occur in base64 or quoted-printable output, and the 128 random
     # bits make a collision with 7bit text negligible (RFC 2046 §5.1.1).
-    boundary = "=_" + secrets.token_hex(16)
+    boundary = "=_" + random_hex(16)
     delimiter = b"--" + boundary.encode("ascii")
     chunks: list[bytes] = []
     for headers, body in parts:

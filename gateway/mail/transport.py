@@ -28,7 +28,6 @@ import itertools
 import logging
 import os
 import re
-import secrets
 import socket
 import time
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from typing import Protocol
 import aiosmtplib
 
 from gateway.config import OutboundSettings
-from gateway.mail.compose import ComposeError, encode_address
+from gateway.mail.compose import ComposeError, encode_address, random_hex
 
 __all__ = [
     "DeliveryError",
@@ -310,7 +309,7 @@ class MaildirTransport:
         now = time.time()
         sec, usec = int(now), int((now % 1) * 1_000_000)
         return (
-            f"{sec}.M{usec}P{os.getpid()}Q{next(self._counter)}R{secrets.token_hex(4)}.{self._host}"
+            f"{sec}.M{usec}P{os.getpid()}Q{next(self._counter)}R{random_hex(4)}.{self._host}"
         )
 
     async def send(self, raw: bytes, envelope_from: str, recipients: Sequence[str]) -> None:
