@@ -23,7 +23,8 @@ from gateway.mail.auto import AutoInfo
 from gateway.mail.quotes import strip_reply
 from gateway.message import Inbound, ParsedMail
 from gateway.notify import Notifier
-from gateway.store.models import Article, Event, MessageId, Participant, Ticket
+from gateway.store.models import Article, Event, Participant, Ticket
+from gateway.store.pending import add_message_id
 
 if TYPE_CHECKING:
     from gateway.pipeline import Disposition
@@ -118,8 +119,7 @@ class AgentReplies:
                                     kind="internal" if internal else "public",
                                     role="agent", body=text)
         elif mid:
-            session.add(MessageId(message_id=mid, ticket_id=ticket.id, direction="in",
-                                  created_at=now))
+            add_message_id(session, mid, ticket, "in", now)
         ticket.updated_at = now
         if article is not None and not internal:
             self._relay(session, ticket, article, agent.name, sender, mid, now)
@@ -137,8 +137,7 @@ class AgentReplies:
                 now: dt.datetime, problems: list[str]) -> None:
         """B13: one error mail, nothing executed; the Message-ID is kept for dedup only."""
         if mid:
-            session.add(MessageId(message_id=mid, ticket_id=None, direction="rejected",
-                                  created_at=now))
+            add_message_id(session, mid, None, "rejected", now)
         session.add(Event(ticket=ticket, at=now, actor=agent, kind="reply-rejected",
                           data={"problems": problems, "message_id": mid}))
         self.notifier.command_error(session, ticket, agent, problems,

@@ -46,6 +46,7 @@ from gateway.pipeline import (
 )
 from gateway.routing import Decision, RoutingFacts
 from gateway.store.models import Article, Event, MessageId, Participant, Ticket
+from gateway.store.pending import add_message_id
 
 if TYPE_CHECKING:
     from gateway.notify import Notifier
@@ -208,9 +209,8 @@ def ingest(pipeline: Pipeline, session: Session, inbound: Inbound, now: dt.datet
     path = _ChatPath(pipeline, session, inbound, upd, bot, now)
     result = path.run()
     # The update id is recorded whatever happened to it, so a redelivery is a duplicate.
-    session.add(MessageId(message_id=key, ticket=path.ticket,
-                          direction="in" if path.ticket is not None else "dropped",
-                          created_at=now))
+    add_message_id(session, key, path.ticket,
+                   "in" if path.ticket is not None else "dropped", now)
     return dataclasses.replace(result, message_id=key)
 
 

@@ -23,8 +23,8 @@ from gateway.config import Settings
 from gateway.followup import Hooks, make_token, reply_address
 from gateway.mail.compose import ComposeError, compose, encode_address, make_message_id
 from gateway.message import Address, Outbound
-from gateway.store.models import Article, Event, MessageId, OutboxRow, Ticket
-from gateway.store.pending import pending_of
+from gateway.store.models import Article, Event, OutboxRow, Ticket
+from gateway.store.pending import add_message_id, pending_of
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,7 @@ class Notifier:
         )
         session.add(row)
         if ticket is not None:
-            session.add(MessageId(message_id=message_id, ticket=ticket,
-                                  direction="out", created_at=now))
+            add_message_id(session, message_id, ticket, "out", now)
         return row
 
     # -- the messages --------------------------------------------------------------

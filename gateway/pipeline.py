@@ -51,7 +51,7 @@ from gateway.store.models import (
     QuarantineRow,
     Ticket,
 )
-from gateway.store.pending import Pending, autoflushing, pending_of
+from gateway.store.pending import Pending, add_message_id, autoflushing, pending_of
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,7 @@ class Pipeline:
                 return Disposition(Outcome.DUPLICATE, message_id=mid)
         result = self._ingest_mail(session, inbound, mail, now)
         if not mid and key and result.outcome is not Outcome.QUARANTINED:
-            session.add(MessageId(message_id=key, ticket_id=None, direction="channel",
-                                  created_at=now))
+            add_message_id(session, key, None, "channel", now)
         return result
 
     def _reads_pending(self, pending: Pending, mail: ParsedMail, key: str | None) -> bool:
@@ -224,8 +223,7 @@ class Pipeline:
             if decision.drop:
                 log.info("message %s: dropped by rule %s", mid, decision.drop_rule)
                 if mid:
-                    session.add(MessageId(message_id=mid, ticket_id=None,
-                                          direction="dropped", created_at=now))
+                    add_message_id(session, mid, None, "dropped", now)
                 return Disposition(Outcome.DROPPED, message_id=mid, reason=decision.drop_rule or "")
         if ticket is not None:
             with stage("persist"), autoflushing(session):
@@ -382,8 +380,7 @@ class Pipeline:
         if ticket is None:
             log.info("message %s: report matches no ticket, ignored", mail.message_id)
             if mail.message_id:
-                session.add(MessageId(message_id=mail.message_id, ticket_id=None,
-                                      direction="dropped", created_at=now))
+                add_message_id(session, mail.message_id, None, "dropped", now)
             return Disposition(Outcome.IGNORED, message_id=mail.message_id,
                                reason="unmatched report")
         summary = report.summary if report else mail.text
@@ -480,8 +477,7 @@ class Pipeline:
                 size=len(att.data), blob=blob,
             ))
         if mail.message_id:
-            session.add(MessageId(message_id=mail.message_id, ticket=ticket,
-                                  direction="in", created_at=now))
+            add_message_id(session, mail.message_id, ticket, "in", now)
         # No flush here: the rows go out together, batched by table.
         return article
 

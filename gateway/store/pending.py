@@ -21,12 +21,13 @@ None, and lookups rely on autoflush as usual.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, event, update
+from sqlalchemy import Table, bindparam, event, insert, update
 from sqlalchemy.orm import Session
 
 from gateway.store.models import Blob, MessageId, OutboxRow, Participant, Ticket
@@ -34,6 +35,7 @@ from gateway.store.models import Counter as CounterRow
 
 _KEY = "helpdeskd.pending"
 _counters = cast(Table, CounterRow.__table__)
+_INSERT_MESSAGE_ID = insert(cast(Table, MessageId.__table__))
 _SET_COUNTER = (
     update(_counters).where(_counters.c.name == bindparam("counter"))
     .values(value=bindparam("new_value"))
@@ -44,7 +46,7 @@ class Pending:
     """Keys of the rows added to one session since its last flush."""
 
     __slots__ = ("addresses", "auto_added", "auto_before", "auto_unflushed", "blobs",
-                 "counters", "flushes", "message_ids", "numbers")
+                 "counters", "deferred_ids", "flushes", "message_ids", "numbers")
 
     def __init__(self) -> None:
         self.message_ids: set[str] = set()  # MessageId rows: dedup and threading
@@ -57,6 +59,8 @@ class Pending:
         self.auto_unflushed: Counter[str] = Counter()
         self.auto_before: dict[str, int] = {}
         self.counters: dict[str, int] = {}  # ticket-number counters bumped in this batch
+        # MessageId rows not yet written, with the ticket whose id they need.
+        self.deferred_ids: list[tuple[Ticket | None, dict[str, Any]]] = []
         self.flushes = 0  # how many lookups had to flush (for the bench and tests)
 
     def _added(self, _session: Session, obj: Any) -> None:
@@ -112,7 +116,18 @@ class Pending:
         if session.new or session.dirty or session.deleted:
             session.flush()
             self.flushes += 1
+        self._write_deferred(session)
         self.clear()
+
+    def _write_deferred(self, session: Session) -> None:
+        if not self.deferred_ids:
+            return
+        rows = []
+        for ticket, values in self.deferred_ids:
+            values["ticket_id"] = ticket.id if ticket is not None else None
+            rows.append(values)
+        session.connection().execute(_INSERT_MESSAGE_ID, rows)
+        self.deferred_ids.clear()
 
 
 def track(session: Session) -> Pending:
@@ -124,11 +139,33 @@ def track(session: Session) -> Pending:
 
 
 def finish(session: Session) -> None:
-    """Before the commit: write back the counters `next_value` advanced in memory."""
+    """Before the commit: write what is deferred, and the counters `next_value` advanced."""
     pending = pending_of(session)
-    if pending is not None and pending.counters:
+    if pending is None:
+        return
+    pending.flush(session)
+    if pending.counters:
         session.connection().execute(_SET_COUNTER, [
             {"counter": name, "new_value": value} for name, value in pending.counters.items()])
+
+
+def add_message_id(session: Session, message_id: str, ticket: Ticket | None,
+                   direction: str, now: dt.datetime) -> None:
+    """Record a Message-ID seen or sent (dedup, B9; threading, B8).
+
+    In the fast path the row is not an ORM object: it is written with the batch's
+    next flush, all of them in one executemany (three per new ticket; as ORM objects
+    they were a fifth of the flush). Inside `autoflushing` it is an ORM object, so
+    that the path's own lookups see it as they would anywhere else.
+    """
+    pending = pending_of(session)
+    if pending is None or session.autoflush:
+        session.add(MessageId(message_id=message_id, ticket=ticket, direction=direction,
+                              created_at=now))
+        return
+    pending.message_ids.add(message_id)
+    pending.deferred_ids.append((ticket, {"message_id": message_id, "direction": direction,
+                                          "created_at": now}))
 
 
 def untrack(session: Session) -> None:
