@@ -45,7 +45,7 @@ from support.dovecot import Dovecot  # noqa: E402
 
 from gateway.channels.imap import ImapChannel  # noqa: E402
 from gateway.config import parse_settings  # noqa: E402
-from gateway.daemon import App  # noqa: E402
+from gateway.daemon import App, freeze_startup_objects  # noqa: E402
 from gateway.store.models import OutboxRow, Ticket  # noqa: E402
 
 
@@ -109,6 +109,7 @@ async def run_helpdeskd(server: Dovecot, work: Path, n: int, batch_size: int,
     last = server.uidnext("help") - 1  # the drain is done when this UID is moved
     started = time.perf_counter()
     await app.start()
+    freeze_startup_objects()  # as `helpdeskd run` does once started
     channel = next(c for c in app.channels if isinstance(c, ImapChannel))
     # In memory: polling the database from here would compete with the writer.
     await wait_for(lambda: channel.position.acked_uid >= last, limit=600)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smtp_ingest import message, write_config
 
 from gateway.config import load_settings
-from gateway.daemon import App
+from gateway.daemon import App, freeze_startup_objects
 from gateway.message import Channel, Inbound
 
 
@@ -47,6 +47,7 @@ def main() -> None:
                     for raw in batch[i:i + 16]])
 
         run(raws[:200])  # warm-up: caches, prepared statements
+        freeze_startup_objects()  # as `helpdeskd run` does once started
         profile = cProfile.Profile() if args.profile else None
         t0 = time.perf_counter()
         if profile:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -182,6 +183,18 @@ class App:
             self.outbox.wake()
 
 
+def freeze_startup_objects() -> None:
+    """Once started: move everything allocated so far out of the garbage collector's way.
+
+    Modules, mappers, compiled rules and templates live as long as the process; left
+    in the collected generations, every full collection walked them all again (about
+    45 ms each, a pause for every message in flight). `gc.freeze()` after one
+    collection leaves the collector only what the daemon allocates while it runs.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(settings: Settings) -> None:
     """`helpdeskd run`: run until SIGTERM or SIGINT."""
     app = App(settings)
@@ -199,6 +212,7 @@ async def serve(settings: Settings) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await app.start()
+    freeze_startup_objects()
     log.info("helpdeskd: running (%s)", redact_url(settings.database_url))
     await stop.wait()
     log.info("helpdeskd: stopping")

@@ -169,3 +169,31 @@ async def test_intake_refuses_work_once_stopping(settings: Settings, clock: Any)
     with pytest.raises(StoreUnavailable):
         await app.intake.submit(inbound(make_mail("late"), clock.now))
     app.engine.dispose()
+
+
+def test_migrations_give_exactly_the_models_schema(db_url: str) -> None:
+    """Every branch upgraded ("heads"): no table, column or index differs from the models."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    engine = make_engine(db_url)
+    migrate(engine)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    engine.dispose()
+
+
+def test_the_automatic_mail_count_reads_only_the_index(tmp_path: Any) -> None:
+    """The per-address cap is asked for every acknowledgement: it must not read the
+    outbox rows themselves (their composed mail lies before `automatic`). The plan
+    checked is SQLite's, the embedded default; PostgreSQL plans by its statistics."""
+    from gateway.notify import _AUTO_MAIL_COUNT
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'plan.sqlite3'}")
+    migrate(engine)
+    with engine.connect() as conn:
+        sql = str(_AUTO_MAIL_COUNT.compile(engine))
+        plan = " ".join(str(row[3]) for row in conn.exec_driver_sql(
+            f"EXPLAIN QUERY PLAN {sql}", ("dana@users.test", "2026-11-27 00:00:00")))
+    assert "COVERING INDEX ix_outbox_rate" in plan
+    engine.dispose()

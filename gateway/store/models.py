@@ -229,7 +229,8 @@ class OutboxRow(Base):
     __tablename__ = "outbox"
     __table_args__ = (
         Index("ix_outbox_due", "state", "next_attempt_at"),
-        Index("ix_outbox_rate", "to_address", "created_at"),
+        # The per-address cap counts automatic rows by time: answered from the index.
+        Index("ix_outbox_rate", "to_address", "automatic", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
