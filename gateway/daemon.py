@@ -206,6 +206,7 @@ async def serve(settings: Settings) -> None:
     reloads: set[asyncio.Task[object]] = set()  # held so they are not garbage-collected
 
     def on_sighup() -> None:
+        app.templates.reload()
         task = loop.create_task(asyncio.to_thread(app.rules.reload))
         reloads.add(task)
         task.add_done_callback(reloads.discard)

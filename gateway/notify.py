@@ -41,7 +41,11 @@ _AUTO_MAIL_COUNT = select(func.count(_outbox.c.id)).where(
 
 
 class Templates:
-    """Jinja2 templates: a configured override directory first, then the shipped ones."""
+    """Jinja2 templates: a configured override directory first, then the shipped ones.
+
+    Each template is read once (SIGHUP re-reads them, with the rules): checking the
+    file's mtime at every render cost a stat() per outbound message.
+    """
 
     def __init__(self, override: Path | None = None) -> None:
         paths = [str(override)] if override is not None else []
@@ -52,7 +56,13 @@ class Templates:
             autoescape=jinja2.select_autoescape(["html", "htm"], default=False),
             undefined=jinja2.StrictUndefined,
             keep_trailing_newline=True,
+            auto_reload=False,
         )
+
+    def reload(self) -> None:
+        """Read every template again at its next use (SIGHUP)."""
+        if self.env.cache is not None:
+            self.env.cache.clear()
 
     def render(self, name: str, **context: Any) -> str:
         return self.env.get_template(name).render(**context)

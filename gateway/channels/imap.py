@@ -781,8 +781,12 @@ class ImapChannel:
         own = self.mailbox.address
         local, _, domain = own.rpartition("@")
         found = [own]
+        end = raw.find(b"\r\n\r\n")
+        head = raw if end < 0 else raw[:end]
+        if f"{local}+".encode() not in head.lower():
+            return (own,)  # no sub-address anywhere in the headers: nothing to parse
         try:
-            headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+            headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
             values = [str(v) for name in ("Delivered-To", "X-Original-To", "To", "Cc")
                       for v in headers.get_all(name, [])]
             pairs = getaddresses(values)
