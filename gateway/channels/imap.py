@@ -263,6 +263,31 @@ class Stats:
     idle_wakeups: int = 0
 
 
+@dataclass(slots=True)
+class _Submitted:
+    """A batch handed to the intake: its UIDs, their sizes, one future per fetched body."""
+
+    batch: list[int]
+    sizes: dict[int, int]
+    futures: dict[int, asyncio.Future[Disposition]]
+
+
+@dataclass(slots=True)
+class _Ack:
+    """A settled batch: committed through `through`; what to move where; what failed."""
+
+    through: int
+    done: list[int]
+    quarantined: list[int]
+    failure: BaseException | None
+
+
+def _consume(future: asyncio.Future[Disposition]) -> None:
+    """Retrieve an abandoned submission's outcome (asyncio warns about unread errors)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -682,32 +707,49 @@ class ImapChannel:
         return parse_fetch(response.lines)
 
     async def _drain(self, conn: Connection, position: Position) -> None:
-        m = self.mailbox
-        while not self._stopping.is_set():
-            uids = await self._search_new(conn, position.last_uid)
-            if not uids:
-                return
-            log.info("%s: %d new message(s)", self.name, len(uids))
-            for chunk in _chunks(uids, m.batch_size):
-                sized = await self._fetch(conn, chunk, "(UID RFC822.SIZE)", "UID FETCH size")
-                sizes = {uid: f.size for uid, f in sized.items() if f.size is not None}
-                for batch in plan_batches(chunk, sizes, batch_size=m.batch_size,
-                                          batch_bytes=m.batch_bytes,
-                                          max_message_size=m.max_message_size):
-                    if self._stopping.is_set():
-                        return
-                    await self._ingest(conn, position, batch, sizes)
+        """Ingest everything above `position`, batch by batch.
 
-    async def _ingest(self, conn: Connection, position: Position, batch: list[int],
-                      sizes: dict[int, int]) -> None:
+        A committed batch is moved (or flagged) while the intake works on the next
+        one: the server's MOVE overlaps the writer instead of adding to it. Fetching
+        stays outside the writer's time on purpose: parsing a FETCH response in the
+        event loop while the writer runs made both slower (they share the GIL).
+        """
+        m = self.mailbox
+        unacked: _Ack | None = None
         self._busy = True
         try:
-            await self._ingest_batch(conn, position, batch, sizes)
+            while not self._stopping.is_set():
+                uids = await self._search_new(conn, position.last_uid)
+                if not uids:
+                    break
+                log.info("%s: %d new message(s)", self.name, len(uids))
+                for chunk in _chunks(uids, m.batch_size):
+                    sized = await self._fetch(conn, chunk, "(UID RFC822.SIZE)",
+                                              "UID FETCH size")
+                    sizes = {uid: f.size for uid, f in sized.items() if f.size is not None}
+                    for batch in plan_batches(chunk, sizes, batch_size=m.batch_size,
+                                              batch_bytes=m.batch_bytes,
+                                              max_message_size=m.max_message_size):
+                        if self._stopping.is_set() or (unacked and unacked.failure):
+                            break
+                        submitted = await self._submit(conn, position, batch, sizes)
+                        if unacked is not None:
+                            await self._acknowledge_batch(conn, position, unacked, submitted)
+                        unacked = await self._settle(position, submitted)
+                    if self._stopping.is_set() or (unacked and unacked.failure):
+                        break
+                if unacked is not None:
+                    # Before the next SEARCH, or the end: nothing stays unacknowledged.
+                    await self._acknowledge_batch(conn, position, unacked)
+                    if unacked.failure is not None:
+                        raise unacked.failure
+                    unacked = None
         finally:
             self._busy = False
 
-    async def _ingest_batch(self, conn: Connection, position: Position, batch: list[int],
-                            sizes: dict[int, int]) -> None:
+    async def _submit(self, conn: Connection, position: Position, batch: list[int],
+                      sizes: dict[int, int]) -> _Submitted:
+        """Fetch the batch's bodies and hand them to the intake (not awaited here)."""
         m = self.mailbox
         wanted = [uid for uid in batch if uid in sizes and sizes[uid] <= m.max_message_size]
         bodies: dict[int, bytes] = {}
@@ -721,31 +763,35 @@ class ImapChannel:
         self.stats.largest_message = max([self.stats.largest_message,
                                           *(len(b) for b in bodies.values())])
         assert position.uidvalidity is not None
-        pending: dict[int, asyncio.Future[Disposition]] = {
+        futures: dict[int, asyncio.Future[Disposition]] = {
             uid: asyncio.ensure_future(self.submit(self._inbound(uid, raw, position.uidvalidity)))
             for uid, raw in sorted(bodies.items())
         }
-        bodies.clear()
-        if pending:
-            await asyncio.wait(pending.values())
+        return _Submitted(batch, sizes, futures)
+
+    async def _settle(self, position: Position, sub: _Submitted) -> _Ack:
+        """Wait for the batch's commits and store how far they got (acknowledged later)."""
+        m = self.mailbox
+        if sub.futures:
+            await asyncio.wait(sub.futures.values())
         done: list[int] = []
         quarantined: list[int] = []
         through = position.last_uid
         failure: BaseException | None = None
-        for uid in batch:
-            if uid in pending:
-                failure = pending[uid].exception()
+        for uid in sub.batch:
+            if uid in sub.futures:
+                failure = sub.futures[uid].exception()
                 if failure is not None:
                     # Later messages may be committed too; acknowledging only up to here
                     # re-fetches them, and the Message-ID dedup makes that a no-op.
                     break
-                outcome = pending[uid].result().outcome
+                outcome = sub.futures[uid].result().outcome
                 (quarantined if outcome == Outcome.QUARANTINED else done).append(uid)
-            elif uid in sizes and sizes[uid] > m.max_message_size:
+            elif uid in sub.sizes and sub.sizes[uid] > m.max_message_size:
                 log.error("%s: UID %d is %d bytes, over max_message_size %d; not fetched, "
-                          "moved to %s", self.name, uid, sizes[uid], m.max_message_size,
+                          "moved to %s", self.name, uid, sub.sizes[uid], m.max_message_size,
                           m.quarantine_folder)
-                await asyncio.to_thread(self.store.record_oversized, uid, sizes[uid],
+                await asyncio.to_thread(self.store.record_oversized, uid, sub.sizes[uid],
                                         m.max_message_size, m.quarantine_folder)
                 quarantined.append(uid)
             else:
@@ -755,14 +801,28 @@ class ImapChannel:
             position.last_uid = through
             position.pending_quarantine = quarantined
             await asyncio.to_thread(self.store.save, position, None)
-            await self._acknowledge(conn, uid_set(done) if done else None, quarantined)
-            # Stored with the next batch's position or at the end of the drain: a crash
-            # before that acknowledges this batch once more, which changes nothing.
-            position.acked_uid = through
-            position.pending_quarantine = []
-            self.health.ingested += len(done) + len(quarantined)
-        if failure is not None:
-            raise failure
+        return _Ack(through, done, quarantined, failure)
+
+    async def _acknowledge_batch(self, conn: Connection, position: Position, ack: _Ack,
+                                 meanwhile: _Submitted | None = None) -> None:
+        """Move or flag a settled batch; `meanwhile` is the batch the intake works on."""
+        if ack.through <= position.acked_uid:
+            return
+        try:
+            await self._acknowledge(conn, uid_set(ack.done) if ack.done else None,
+                                    ack.quarantined)
+        except BaseException:
+            if meanwhile is not None:
+                # Abandoned: what it submitted still commits, is not acknowledged, and
+                # is fetched again after the reconnect, where the dedup makes it a no-op.
+                for future in meanwhile.futures.values():
+                    future.add_done_callback(_consume)
+            raise
+        # Stored with the next batch's position or at the end of the drain: a crash
+        # before that acknowledges this batch once more, which changes nothing.
+        position.acked_uid = ack.through
+        position.pending_quarantine = []
+        self.health.ingested += len(ack.done) + len(ack.quarantined)
 
     def _inbound(self, uid: int, raw: bytes, uidvalidity: int) -> Inbound:
         return Inbound(
