@@ -177,8 +177,9 @@ class Intake:
             track(session)
             try:
                 with session.begin(), session.no_autoflush:
-                    results = [self.pipeline.ingest(session, inbound, now)
-                               for inbound in inbounds]
+                    mails = self.pipeline.prepare(session, inbounds, now)
+                    results = [self.pipeline.ingest(session, inbound, now, mail)
+                               for inbound, mail in zip(inbounds, mails, strict=True)]
                     finish(session)
                 return results
             finally:

@@ -24,7 +24,7 @@ from gateway.followup import Hooks, make_token, reply_address
 from gateway.mail.compose import ComposeError, compose, encode_address, make_message_id
 from gateway.message import Address, Outbound
 from gateway.store.models import Article, Event, OutboxRow, Ticket
-from gateway.store.pending import add_message_id, pending_of
+from gateway.store.pending import Pending, add_message_id, pending_of
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ _AUTO_MAIL_COUNT = select(func.count(_outbox.c.id)).where(
     _outbox.c.automatic.is_(True),
     _outbox.c.created_at > bindparam("since"),
 )
+_AUTO_MAIL_COUNTS = select(_outbox.c.to_address, func.count(_outbox.c.id)).where(
+    _outbox.c.to_address.in_(bindparam("addresses", expanding=True)),
+    _outbox.c.automatic.is_(True),
+    _outbox.c.created_at > bindparam("since"),
+).group_by(_outbox.c.to_address)
 
 
 class Templates:
@@ -102,6 +107,17 @@ class Notifier:
         inbound = self.settings.inbound_for(ticket.inbound_address)
         name = display if display is not None else (inbound.name if inbound else "")
         return Address(ticket.inbound_address, name or self.helpdesk)
+
+    def prefetch_auto_counts(self, session: Session, pending: Pending, addresses: set[str],
+                             now: dt.datetime) -> None:
+        """The intake's fast path: the automatic mail to each address in the window,
+        for a whole batch in one query (before the batch added any)."""
+        since = now - dt.timedelta(hours=1)
+        counts: dict[str, int] = {
+            address: int(n) for address, n in session.connection().execute(
+                _AUTO_MAIL_COUNTS, {"addresses": addresses, "since": since})}
+        for address in addresses:
+            pending.auto_before.setdefault(address, counts.get(address, 0))
 
     def _rate_limited(self, session: Session, address: str, now: dt.datetime) -> bool:
         limit = self.settings.outbound.auto_mail_per_hour

@@ -19,7 +19,7 @@ import enum
 import hashlib
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 # each time cost several times what SQLite takes to run it.
 # Dedup, through the session (so it autoflushes outside the intake's fast path).
 _SEEN = select(MessageId.message_id).where(MessageId.message_id == bindparam("key"))
+_SEEN_ANY = select(MessageId.message_id).where(
+    MessageId.message_id.in_(bindparam("keys", expanding=True)))
 # The ticket-number counter, in Core on the session's connection (see next_ticket_number).
 _counters = cast(Table, Counter.__table__)
 _BUMP_COUNTER = (
@@ -146,7 +148,36 @@ class Pipeline:
 
     # -- entry point ---------------------------------------------------------------
 
-    def ingest(self, session: Session, inbound: Inbound, now: dt.datetime) -> Disposition:
+    def prepare(self, session: Session, inbounds: list[Inbound],
+                now: dt.datetime) -> list[ParsedMail | None]:
+        """The intake's fast path, before a batch: parse its mail, then look up every
+        Message-ID and every sender's recent automatic mail in one query each, instead
+        of one per message. None where `ingest` must parse by itself (chat updates,
+        mail that does not parse: it says why there).
+        """
+        mails: list[ParsedMail | None] = []
+        for inbound in inbounds:
+            mail = None
+            if inbound.channel is not Channel.TELEGRAM:
+                with suppress(ParseError):  # `ingest` parses it again and says why
+                    mail = parse_mail(inbound.raw)
+            mails.append(mail)
+        pending = pending_of(session)
+        if pending is None:
+            return mails
+        keys = {k for inbound, mail in zip(inbounds, mails, strict=True) if mail is not None
+                and (k := mail.message_id or inbound.channel_message_id)}
+        if keys:
+            pending.looked_up_ids |= keys
+            pending.found_ids |= set(session.connection().scalars(_SEEN_ANY, {"keys": keys}))
+        senders = {mail.sender.address for mail in mails if mail is not None and mail.sender}
+        if senders:
+            self.notifier.prefetch_auto_counts(session, pending, senders, now)
+        return mails
+
+    def ingest(self, session: Session, inbound: Inbound, now: dt.datetime,
+               mail: ParsedMail | None = None) -> Disposition:
+        """One message, from bytes (or `mail`, parsed by `prepare`) to stored changes."""
         if inbound.channel is Channel.TELEGRAM:
             # Chat updates take their own path (gateway.chat), reusing the steps below.
             from gateway import chat
@@ -154,17 +185,18 @@ class Pipeline:
             # The chat path looks up the chat's tickets, articles and update ids.
             with autoflushing(session):
                 return chat.ingest(self, session, inbound, now)
-        with stage("parse"):
-            mail = parse_mail(inbound.raw)
+        if mail is None:
+            with stage("parse"):
+                mail = parse_mail(inbound.raw)
         mid = mail.message_id
         # Mail without Message-ID (scripts) is deduplicated only by its channel's own id
         # (an IMAP mailbox's UIDVALIDITY:UID), so a re-fetch after a crash is a no-op.
         key = mid or inbound.channel_message_id
         pending = pending_of(session)
-        if pending is not None and self._reads_pending(pending, mail, key):
+        if pending is not None and self._reads_pending(pending, mail):
             pending.flush(session)
         with stage("dedup"):
-            if key and session.scalar(_SEEN, {"key": key}) is not None:
+            if key and self._seen(session, pending, key):
                 log.info("message %s: duplicate, discarded", key)
                 return Disposition(Outcome.DUPLICATE, message_id=mid)
         result = self._ingest_mail(session, inbound, mail, now)
@@ -172,15 +204,19 @@ class Pipeline:
             add_message_id(session, key, None, "channel", now)
         return result
 
-    def _reads_pending(self, pending: Pending, mail: ParsedMail, key: str | None) -> bool:
+    def _seen(self, session: Session, pending: Pending | None, key: str) -> bool:
+        known = pending.seen(key) if pending is not None else None
+        if known is not None:
+            return known
+        return session.scalar(_SEEN, {"key": key}) is not None
+
+    def _reads_pending(self, pending: Pending, mail: ParsedMail) -> bool:
         """Could this customer mail's lookups hit a row the batch has not flushed yet?
 
-        Dedup and threading look up Message-IDs, subject hooks look up ticket numbers,
-        and whether a sender may follow up (and which To/Cc are new) looks up the
-        ticket's participants by address.
+        Threading looks up Message-IDs, subject hooks look up ticket numbers, and
+        whether a sender may follow up (and which To/Cc are new) looks up the ticket's
+        participants by address. (Dedup asks `Pending.seen`, which knows the batch.)
         """
-        if key is not None and key in pending.message_ids:
-            return True
         if pending.any_in((*mail.references, *mail.in_reply_to), pending.message_ids):
             return True
         if pending.numbers and pending.any_in(self.hooks.find(mail.subject), pending.numbers):

@@ -128,6 +128,13 @@ def test_the_same_message_twice_in_one_batch_is_one_article(app: App) -> None:
     assert count(app, Article) == 2
 
 
+def test_a_message_from_an_earlier_batch_is_a_duplicate(app: App) -> None:
+    raw = make_mail("Once", message_id="<once@users.test>")
+    assert outcomes(batch(app, raw)) == ["created"]
+    assert outcomes(batch(app, make_mail("New"), raw)) == ["created", "duplicate"]
+    assert count(app, Article) == 2
+
+
 def test_the_same_attachment_in_one_batch_is_stored_once(app: App) -> None:
     def with_log(subject: str) -> bytes:
         msg = EmailMessage()
@@ -152,6 +159,10 @@ def test_the_hourly_cap_on_automatic_mail_counts_the_batch(
         assert outcomes(results) == ["created"] * 3
         # Three tickets, but only two acknowledgements to Dana within the hour.
         assert count(app, OutboxRow, OutboxRow.kind == "ack") == 2
+        # The next batch counts what earlier ones sent: none for Dana, one for Erin.
+        erin = make_mail("Hello", sender="erin@users.test")
+        assert outcomes(batch(app, make_mail("Problem 4"), erin)) == ["created"] * 2
+        assert count(app, OutboxRow, OutboxRow.kind == "ack") == 3
     finally:
         app.engine.dispose()
 

@@ -9,9 +9,10 @@ is (`Pending.flush`): a follow-up to a ticket opened a few milliseconds
 earlier still finds it. Rows are recorded as they join the session
 (`transient_to_pending`), so no `session.add` site has to remember to.
 
-Two per-message queries are also answered once per batch here: the hourly count
-of automatic mail to an address (`auto_mail_count`) and the daily ticket-number
-counter (`next_value`, written back by `finish` before the commit). Both are safe
+Per-message queries are also answered once per batch here: whether a Message-ID
+was seen (`seen`, from one query for the whole batch and the rows it added), the
+hourly count of automatic mail to an address (`auto_mail_count`) and the daily
+ticket-number counter (`next_value`, written back by `finish` before the commit). Both are safe
 because the batch's transaction holds the write lock: SQLite's (BEGIN IMMEDIATE),
 or on PostgreSQL the counter row's lock, taken by the first bump.
 
@@ -45,11 +46,28 @@ _SET_COUNTER = (
 class Pending:
     """Keys of the rows added to one session since its last flush."""
 
-    __slots__ = ("addresses", "auto_added", "auto_before", "auto_unflushed", "blobs",
-                 "counters", "deferred_ids", "flushes", "message_ids", "numbers")
+    __slots__ = (
+        "addresses",
+        "auto_added",
+        "auto_before",
+        "auto_unflushed",
+        "batch_ids",
+        "blobs",
+        "counters",
+        "deferred_ids",
+        "flushes",
+        "found_ids",
+        "looked_up_ids",
+        "message_ids",
+        "numbers",
+    )
 
     def __init__(self) -> None:
         self.message_ids: set[str] = set()  # MessageId rows: dedup and threading
+        self.batch_ids: set[str] = set()  # every Message-ID recorded in this batch
+        # Message-IDs looked up for the whole batch at its start, and those found.
+        self.looked_up_ids: set[str] = set()
+        self.found_ids: set[str] = set()
         self.numbers: set[str] = set()  # new tickets: subject hooks, reply tokens
         self.addresses: set[str] = set()  # participants: who may follow up
         self.blobs: set[str] = set()  # attachment contents by SHA-256
@@ -66,6 +84,7 @@ class Pending:
     def _added(self, _session: Session, obj: Any) -> None:
         if isinstance(obj, MessageId):
             self.message_ids.add(obj.message_id)
+            self.batch_ids.add(obj.message_id)
         elif isinstance(obj, Participant):
             self.addresses.add(obj.address)
         elif isinstance(obj, OutboxRow):
@@ -84,6 +103,14 @@ class Pending:
         self.addresses.clear()
         self.blobs.clear()
         self.auto_unflushed.clear()
+
+    def seen(self, key: str) -> bool | None:
+        """Whether a Message-ID is recorded, if this batch knows; None: ask the database."""
+        if key in self.batch_ids:
+            return True
+        if key in self.looked_up_ids:
+            return key in self.found_ids
+        return None
 
     def auto_mail_count(self, address: str, query: Callable[[], int]) -> int:
         """Automatic mail to `address` in the window: `query()` (the flushed rows) is
@@ -164,6 +191,7 @@ def add_message_id(session: Session, message_id: str, ticket: Ticket | None,
                               created_at=now))
         return
     pending.message_ids.add(message_id)
+    pending.batch_ids.add(message_id)
     pending.deferred_ids.append((ticket, {"message_id": message_id, "direction": direction,
                                           "created_at": now}))
 
