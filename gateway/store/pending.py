@@ -10,11 +10,14 @@ earlier still finds it. Rows are recorded as they join the session
 (`transient_to_pending`), so no `session.add` site has to remember to.
 
 Per-message queries are also answered once per batch here: whether a Message-ID
-was seen (`seen`, from one query for the whole batch and the rows it added), the
+is recorded (`seen`: one query for the whole batch, plus the rows it added), the
 hourly count of automatic mail to an address (`auto_mail_count`) and the daily
-ticket-number counter (`next_value`, written back by `finish` before the commit). Both are safe
-because the batch's transaction holds the write lock: SQLite's (BEGIN IMMEDIATE),
-or on PostgreSQL the counter row's lock, taken by the first bump.
+ticket-number counter (`next_value`, written back by `finish` before the commit).
+Counting on in memory is safe because the batch's transaction holds the lock:
+SQLite's writer lock (BEGIN IMMEDIATE), or on PostgreSQL the counter row's lock,
+taken by the first bump. What another daemon on PostgreSQL commits meanwhile can
+only make the batch fail at its flush (a duplicate Message-ID): the intake then
+redoes it on the safe path, which sees it.
 
 Outside the fast path there is no `Pending` on the session, `pending_of` returns
 None, and lookups rely on autoflush as usual.
@@ -55,7 +58,6 @@ class Pending:
         "blobs",
         "counters",
         "deferred_ids",
-        "flushes",
         "found_ids",
         "looked_up_ids",
         "message_ids",
@@ -79,7 +81,6 @@ class Pending:
         self.counters: dict[str, int] = {}  # ticket-number counters bumped in this batch
         # MessageId rows not yet written, with the ticket whose id they need.
         self.deferred_ids: list[tuple[Ticket | None, dict[str, Any]]] = []
-        self.flushes = 0  # how many lookups had to flush (for the bench and tests)
 
     def _added(self, _session: Session, obj: Any) -> None:
         if isinstance(obj, MessageId):
@@ -142,7 +143,6 @@ class Pending:
         """Make everything added so far visible to the lookups that follow."""
         if session.new or session.dirty or session.deleted:
             session.flush()
-            self.flushes += 1
         self._write_deferred(session)
         self.clear()
 
@@ -183,10 +183,11 @@ def add_message_id(session: Session, message_id: str, ticket: Ticket | None,
     In the fast path the row is not an ORM object: it is written with the batch's
     next flush, all of them in one executemany (three per new ticket; as ORM objects
     they were a fifth of the flush). Inside `autoflushing` it is an ORM object, so
-    that the path's own lookups see it as they would anywhere else.
+    that the path's own lookups see it as they would anywhere else; inside a
+    savepoint too, so that rolling the savepoint back takes it along.
     """
     pending = pending_of(session)
-    if pending is None or session.autoflush:
+    if pending is None or session.autoflush or session.in_nested_transaction():
         session.add(MessageId(message_id=message_id, ticket=ticket, direction=direction,
                               created_at=now))
         return
