@@ -199,3 +199,26 @@ def test_chat_messages_in_one_batch_go_to_the_same_ticket(
         assert results[0].ticket == results[1].ticket
     finally:
         app.engine.dispose()
+
+
+def test_a_message_id_recorded_in_a_rolled_back_savepoint_is_not_kept(
+    app: App, clock: Any
+) -> None:
+    """On the fast path Message-IDs are written in bulk at the flush, except inside a
+    savepoint (the SLA observer's), whose rollback must take them along."""
+    from gateway.store.models import MessageId
+    from gateway.store.pending import add_message_id, finish, track, untrack
+
+    with app.sessions() as session:
+        track(session)
+        try:
+            with session.begin(), session.no_autoflush:
+                add_message_id(session, "kept@helpdesk.test", None, "out", clock.now)
+                nested = session.begin_nested()
+                add_message_id(session, "undone@helpdesk.test", None, "out", clock.now)
+                nested.rollback()
+                finish(session)
+        finally:
+            untrack(session)
+    with app.sessions() as s:
+        assert set(s.scalars(select(MessageId.message_id))) == {"kept@helpdesk.test"}
