@@ -222,3 +222,40 @@ def test_a_message_id_recorded_in_a_rolled_back_savepoint_is_not_kept(
             untrack(session)
     with app.sessions() as s:
         assert set(s.scalars(select(MessageId.message_id))) == {"kept@helpdesk.test"}
+
+
+def test_two_daemons_writing_batches_at_once_never_share_a_ticket_number(
+    settings: Settings, clock: Any
+) -> None:
+    """The fast path counts ticket numbers on in memory after one bump per batch: safe
+    only because that bump holds the counter row (PostgreSQL) or the writer lock
+    (SQLite) until the commit. Two daemons on one database, batches in parallel."""
+    import threading
+
+    apps = [App(settings, clock=clock) for _ in range(2)]
+    batch(apps[0], make_mail("the day's counter row exists"))
+    results: list[Disposition] = []
+    lock = threading.Lock()
+
+    def write(app: App, name: str) -> None:
+        for b in range(5):
+            got = app.intake._process_batch([
+                mail_in(make_mail(f"{name} {b}.{i}", sender=f"{name}{i}@users.test"))
+                for i in range(8)])
+            with lock:
+                results.extend(got)
+
+    threads = [threading.Thread(target=write, args=(app, f"d{n}"))
+               for n, app in enumerate(apps)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    numbers = [r.ticket for r in results]
+    assert outcomes(results) == ["created"] * 80
+    assert len(set(numbers)) == 80
+    assert count(apps[0], Ticket) == 81
+    # ...on the fast path itself, not rescued by the unique index and a redo.
+    assert sum(app.intake.redone for app in apps) == 0
+    for app in apps:
+        app.engine.dispose()
