@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from gateway.config import OutboundSettings
 from gateway.mail.transport import DeliveryError, Transport
@@ -178,8 +178,12 @@ class OutboxWorker:
         now = self.clock()
         failures: list[tuple[Delivery, str, bool]] = []
         with self.sessions() as session, session.begin():
+            # One query for the round, without the composed mail (not needed to record).
+            rows = {r.id: r for r in session.scalars(
+                select(OutboxRow).where(OutboxRow.id.in_([item.id for item, _ in outcomes]))
+                .options(defer(OutboxRow.raw), defer(OutboxRow.payload)))}
             for item, result in outcomes:
-                row = session.get(OutboxRow, item.id)
+                row = rows.get(item.id)
                 if row is None:
                     continue
                 if result is None:
