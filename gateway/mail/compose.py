@@ -327,6 +327,14 @@ def _thread_ids(references: Sequence[str], in_reply_to: str | None) -> list[str]
 _random = threading.local()
 
 
+def _forget_random() -> None:
+    # A forked child must not hand out the bytes its parent will hand out too.
+    _random.buf, _random.pos = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
 def random_hex(n: int) -> str:
     """`n` bytes from the OS's CSPRNG, as hex, read 4 KiB at a time per thread.
 

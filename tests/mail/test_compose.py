@@ -636,6 +636,24 @@ def test_make_message_id() -> None:
     assert make_message_id("Bücher.Example").endswith("@xn--bcher-kva.example")
 
 
+def test_a_forked_process_draws_other_random_parts_than_its_parent() -> None:
+    """Random parts come from a buffer of OS randomness; a fork must not share it."""
+    import os
+
+    make_message_id("helpdesk.test")  # the buffer is filled
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, make_message_id("helpdesk.test").encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 200).decode()
+    os.close(read)
+    os.close(write)
+    ours = make_message_id("helpdesk.test")
+    assert child.split(".")[1] != ours.split(".")[1]
+
+
 @pytest.mark.parametrize("domain", ["", "bad domain", "a@b", "x\r\ny", "<x>"])
 def test_make_message_id_refuses_bad_domains(domain: str) -> None:
     with pytest.raises(ComposeError):
