@@ -1,11 +1,11 @@
-"""The intake's batches: one flush per batch of new tickets, and nothing it changes.
+"""The intake's batches: one flush per batch, and the same decisions as one at a time.
 
-A batch runs with autoflush off and flushes at the commit (gateway.intake's fast
-path). These tests put messages that depend on each other into one batch and check
-that every one of them is decided exactly as it would be alone: a follow-up finds
-the ticket opened a moment earlier, a duplicate is a duplicate, an attachment is
-stored once, the rate limit counts the batch, and a bad message is quarantined
-without losing the rest.
+A batch runs with autoflush off and flushes once, before the commit (the intake's
+fast path). These tests put messages that depend on each other into one batch and
+check that every one of them is decided exactly as it would be alone: a follow-up
+finds the ticket opened a moment earlier, a duplicate is a duplicate, an attachment
+is stored once, the rate limit counts the batch, a bad message is quarantined
+without losing the rest, and two daemons writing at once never share a number.
 """
 
 from __future__ import annotations
