@@ -1,11 +1,13 @@
 """SMTP ingest throughput and latency: helpdeskd on SQLite versus a bare aiosmtpd server.
 
 Starts, in separate processes, (1) `helpdeskd run` on a fresh SQLite database in
-a temporary directory (outbound mail to a maildir, so acknowledgements and
-notifications are really composed, committed and written) and (2) a bare aiosmtpd
-server that only counts messages: the ceiling of this machine for the same client.
-Then, against each: a paced run at a fixed rate (p50/p99 from DATA to the final
-reply), and N messages over K concurrent connections (messages/second, p50/p99).
+a temporary directory, its outbound mail going to a counting aiosmtpd smarthost
+(`--maildir`: to a maildir, the demo default), so acknowledgements and
+notifications are really composed, committed and delivered, and (2) a bare
+aiosmtpd server that only counts messages: the ceiling of this machine for the
+same client. Then, against each: a paced run at a fixed rate (p50/p99 from DATA to
+the final reply), and N messages over K concurrent connections (messages/second,
+p50/p99, and each server process's CPU time per message during that burst).
 
     .venv/bin/python bench/smtp_ingest.py [--messages 2000] [--concurrency 8] [--rate 100]
                                           [--seconds 10] [--maildir]
@@ -160,21 +162,35 @@ agents = ["bob@agents.test"]
     return config
 
 
-async def measure(label: str, port: int, args: argparse.Namespace) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(label: str, port: int, args: argparse.Namespace,
+                  processes: dict[str, int]) -> dict[str, float]:
     await wait_port(port)
     await burst(port, 50, 2)  # warm-up
     # Paced first: after the burst the daemon's outbox would still be delivering the
     # burst's thousands of notifications, and the paced figure would measure that.
     paced_lat = await paced(port, args.rate, args.seconds)
+    before = {name: cpu_seconds(pid) for name, pid in processes.items()}
     rate, lat = await burst(port, args.messages, args.concurrency)
+    # CPU spent while the burst ran, per message (what a ceiling is made of).
+    cpu_ms = {name: (cpu_seconds(pid) - before[name]) / args.messages * 1000
+              for name, pid in processes.items()}
     result = {
         "msgs_per_s": rate, "burst_p50_ms": pct(lat, 50), "burst_p99_ms": pct(lat, 99),
         f"paced_{args.rate:g}_p50_ms": pct(paced_lat, 50),
         f"paced_{args.rate:g}_p99_ms": pct(paced_lat, 99),
+        **{f"burst_cpu_ms_per_msg_{name}": ms for name, ms in cpu_ms.items()},
     }
     print(f"{label:<28} {rate:8.1f} msg/s   burst p50 {result['burst_p50_ms']:6.1f} ms "
           f"p99 {result['burst_p99_ms']:6.1f} ms   at {args.rate:g}/s p50 "
           f"{pct(paced_lat, 50):6.1f} ms p99 {pct(paced_lat, 99):6.1f} ms", flush=True)
+    print(f"{'':<28} CPU per message during the burst: " + ", ".join(
+        f"{name} {ms:.2f} ms" for name, ms in cpu_ms.items()), flush=True)
     return result
 
 
@@ -194,7 +210,8 @@ async def main() -> None:
         bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port)],
                                 stdout=subprocess.DEVNULL)
         try:
-            ceiling = await measure("bare aiosmtpd (counts only)", bare_port, args)
+            ceiling = await measure("bare aiosmtpd (counts only)", bare_port, args,
+                                    {"server": bare.pid})
         finally:
             bare.terminate()
             bare.wait()
@@ -209,7 +226,10 @@ async def main() -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             label = "helpdeskd (SQLite, maildir)" if args.maildir else "helpdeskd (SQLite)"
-            ours = await measure(label, hd_port, args)
+            processes = {"helpdeskd": daemon.pid}
+            if not args.maildir:
+                processes["smarthost"] = smarthost.pid
+            ours = await measure(label, hd_port, args, processes)
         finally:
             daemon.terminate()
             daemon.wait()
