@@ -278,27 +278,50 @@ class Notifier:
         now: dt.datetime,
     ) -> OutboxRow | None:
         """B14: an agent's words to the customer, from the inbound address, no token."""
+        others = tuple(Address(a, n) for a, n in participants if a != ticket.customer)
         if ticket.channel == "telegram" and ticket.channel_ref:
-            # The customer is a chat, not a mailbox: the words go back to that chat.
+            # The customer is a chat, not a mailbox: the words go back to that chat...
             text = self.templates.render(
                 "telegram_relay.txt", text=article.body, agent_name=agent_name,
                 helpdesk=self.helpdesk, hook=self.hooks.format(ticket.number),
             )
-            return self.enqueue_chat(
+            row = self.enqueue_chat(
                 session, ticket, "relay", bot=str(ticket.channel_ref["bot"]),
                 chat_id=int(ticket.channel_ref["chat_id"]), text=text,
                 attachments=article.attachments, automatic=False, now=now,
             )
+            # ...and by mail to whoever the ticket's participants with a mailbox are
+            # (`#cc`), as they would be copied on an email ticket. A chat has no
+            # Message-IDs to thread on; replies thread on this mail's own.
+            mailboxes = tuple(a for a in others if "@" in a.address)
+            if mailboxes:
+                self.enqueue(session, ticket, "relay", self._relay_mail(
+                    ticket, article, agent_name, to=mailboxes, cc=()), now=now, automatic=False)
+            return row
+        out = self._relay_mail(ticket, article, agent_name,
+                               to=(Address(ticket.customer, ticket.customer_name),), cc=others,
+                               in_reply_to=in_reply_to, references=references)
+        return self.enqueue(session, ticket, "relay", out, now=now, automatic=False)
+
+    def _relay_mail(
+        self,
+        ticket: Ticket,
+        article: Article,
+        agent_name: str,
+        *,
+        to: tuple[Address, ...],
+        cc: tuple[Address, ...],
+        in_reply_to: str | None = None,
+        references: Sequence[str] = (),
+    ) -> Outbound:
         text = self.templates.render(
             "relay.txt", text=article.body, agent_name=agent_name, helpdesk=self.helpdesk,
             hook=self.hooks.format(ticket.number),
         )
         display = f"{agent_name} via {self.helpdesk}" if agent_name else self.helpdesk
-        customer = Address(ticket.customer, ticket.customer_name)
-        cc = tuple(Address(a, n) for a, n in participants if a != ticket.customer)
-        out = Outbound(
+        return Outbound(
             sender=self._sender(ticket, display),
-            to=(customer,),
+            to=to,
             cc=cc,
             subject=self.hooks.subject(ticket.number, ticket.subject, prefix="Re: "),
             text=text,
@@ -306,7 +329,6 @@ class Notifier:
             references=tuple(references),
             attachments=tuple(_attachment(a) for a in article.attachments),
         )
-        return self.enqueue(session, ticket, "relay", out, now=now, automatic=False)
 
     def enqueue_chat(
         self,

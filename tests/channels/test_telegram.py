@@ -280,6 +280,28 @@ async def test_chat_to_agent_email_and_reply_back_to_chat(
         assert {status for _, status in bot.webhook_deliveries} == {200}
 
 
+async def test_an_address_copied_with_cc_gets_the_agents_reply_to_a_chat_by_mail(
+    make_daemon: MakeDaemon,
+) -> None:
+    d = await make_daemon()
+    ticket = await _new_ticket(d)
+    hook = f"[Ticket#{ticket['number']}]"
+    [note] = await d.mails_to("alice@agents.test", 1)
+    await d.agent_reply(note, "#cc erin@users.test\n\nThe portal is back; please retry.")
+    texts = await d.texts(d.helpbot, DANA, 2)
+    assert "The portal is back" in texts[1]  # the chat gets it...
+    [copy] = await d.mails_to("erin@users.test", 1)  # ...and so does the Cc, by mail
+    assert hook in str(copy["Subject"])
+    assert copy["From"].addresses[0].addr_spec == "help@helpdesk.test"
+    assert "Alice" in copy["From"].addresses[0].display_name
+    assert copy["Reply-To"] is None  # no agent token for a participant
+    body = copy.get_body(("plain",))
+    assert body is not None and "The portal is back; please retry." in body.get_content()
+    assert "#cc" not in body.get_content()
+    # Nobody is mailed at the chat's pseudo-address.
+    assert all(not r.startswith("telegram:") for m in d.sink.messages for r in m.rcpt_tos)
+
+
 async def test_webhook_checks_secret_and_ignores_redelivery(make_daemon: MakeDaemon) -> None:
     d = await make_daemon("webhook")
     assert d.app is not None
