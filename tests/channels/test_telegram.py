@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, select
 from support.botapi import BotApi, FakeBot, guard_real_telegram
-from support.mailer import send
+from support.mailer import make_mail, send
 from support.sink import SmtpSink, free_port
 
 from gateway.channels.smtp import SmtpChannel
@@ -300,6 +300,13 @@ async def test_an_address_copied_with_cc_gets_the_agents_reply_to_a_chat_by_mail
     assert "#cc" not in body.get_content()
     # Nobody is mailed at the chat's pseudo-address.
     assert all(not r.startswith("telegram:") for m in d.sink.messages for r in m.rcpt_tos)
+    # Erin's answer threads on that mail and joins the ticket as a follow-up.
+    answer = make_mail("Re: " + str(copy["Subject"]), "Works for me too, thanks.",
+                       sender="Erin <erin@users.test>", in_reply_to=str(copy["Message-ID"]))
+    code, text = await send(d.smtp_port, answer, mail_from="erin@users.test")
+    assert code == 250 and "followup" in text, text
+    [again] = d.tickets()
+    assert again["articles"][-1]["sender"] == "erin@users.test"
 
 
 async def test_webhook_checks_secret_and_ignores_redelivery(make_daemon: MakeDaemon) -> None:
