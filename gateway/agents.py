@@ -154,8 +154,10 @@ class AgentReplies:
             ticket.state = new
             ticket.closed_at = now if new == "closed" else None
             # The SLA engine reminds the owner at `pending_until` (issue 6).
-            ticket.pending_until = (commands.parse_until(cmd.arg)
-                                    if cmd.name == "pending" and cmd.arg else None)
+            # The agent means the time where the group works (its calendar's zone).
+            ticket.pending_until = (
+                commands.parse_until(cmd.arg, self.notifier.zone_for(ticket.group))
+                if cmd.name == "pending" and cmd.arg else None)
             if ticket.pending_until is not None:
                 data["until"] = ticket.pending_until.isoformat()
         elif cmd.name == "priority":

@@ -91,11 +91,12 @@ def valid_commands() -> list[str]:
     return [f"#{name} {arg}".rstrip() + f"  - {desc}" for name, (arg, desc) in COMMANDS.items()]
 
 
-def parse_until(arg: str) -> dt.datetime:
-    """`#pending` argument: a date or date and time (UTC); ValueError when it is neither."""
+def parse_until(arg: str, zone: dt.tzinfo = dt.UTC) -> dt.datetime:
+    """`#pending` argument: a date or date and time, read in `zone` (the ticket group's,
+    see `Notifier.zone_for`); ValueError when it is neither."""
     for fmt in ("%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
         try:
-            return dt.datetime.strptime(arg, fmt).replace(tzinfo=dt.UTC)
+            return dt.datetime.strptime(arg, fmt).replace(tzinfo=zone)
         except ValueError:
             continue
     raise ValueError(f"not a date: {arg!r} (use YYYY-MM-DD or YYYY-MM-DD HH:MM)")

@@ -62,6 +62,7 @@ class App:
         self.pipeline = Pipeline(settings, self.rules, self.notifier, self.hooks)
         # SLA deadlines (issue 6): recomputed inside every ticket change, fired by a timer.
         self.sla = SlaEngine(settings, self.sessions, self.notifier)
+        self.notifier.zone_for = self.sla.zone_for
         self.pipeline.observers.append(self.sla)
         self.escalation = EscalationScheduler(
             self.sla, clock, sweep_seconds=settings.escalation.sweep_seconds,

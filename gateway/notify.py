@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -85,6 +85,13 @@ class Notifier:
         self.loop_value = f"helpdeskd@{self.domain}"
         self.helpdesk = settings.daemon.name
         self._own = frozenset(i.address for i in settings.inbound)
+        # The time zone a group works in (its business-hours calendar's); the App wires
+        # the SLA engine's answer in. Times shown to agents and read from them use it.
+        self.zone_for: Callable[[str], dt.tzinfo] = lambda _group: dt.UTC
+
+    def local_time(self, group: str, instant: dt.datetime) -> str:
+        """An instant as the group's agents read it, e.g. "2026-12-01 09:00 CET"."""
+        return instant.astimezone(self.zone_for(group)).strftime("%Y-%m-%d %H:%M %Z")
 
     # -- helpers -------------------------------------------------------------------
 
@@ -240,9 +247,12 @@ class Notifier:
                  if attach and article is not None else ())
         names = [a.filename for a in article.attachments] if article is not None else []
         hook = self.hooks.format(ticket.number)
+        due = ticket.first_response_due or ticket.update_due
         text = self.templates.render(
             template, ticket=ticket, article=article, hook=hook, attachments=names,
-            helpdesk=self.helpdesk, **context,
+            helpdesk=self.helpdesk,
+            due_local=self.local_time(ticket.group, due) if due is not None else None,
+            **context,
         )
         refs = _refs(article)
         for agent in agents if agents is not None else self.agents_of(ticket):

@@ -182,6 +182,11 @@ class SlaEngine:
             return None
         return cal_name, self.calendars[cal_name]
 
+    def zone_for(self, group: str) -> dt.tzinfo:
+        """The time zone the group works in (`Notifier.zone_for`); UTC without a calendar."""
+        found = self.group_calendar(group)
+        return found[1].tz if found is not None else dt.UTC
+
     def policy(self, sla: str, calendar: str) -> Policy:
         key = (sla, calendar)
         found = self._policies.get(key)

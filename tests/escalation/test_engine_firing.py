@@ -79,6 +79,14 @@ async def test_deadlines_stored_at_creation(sla_app: App) -> None:
     assert sla_app.escalation.armed_at == berlin(2026, 11, 23, 12, 0)
 
 
+async def test_agents_read_the_due_time_where_their_group_works(sla_app: App) -> None:
+    new_ticket(sla_app)
+    [row] = outbox(sla_app, kind="notify")
+    assert row.raw is not None
+    # First response due Monday 13:00 in Berlin (12:00 UTC), shown as Berlin time.
+    assert b"Due:     2026-11-23 13:00 CET (SLA standard)" in row.raw
+
+
 async def test_warning_then_breach_escalates_to_the_next_group(
     sla_app: App, clock: Any, sink: SmtpSink
 ) -> None:
@@ -288,10 +296,11 @@ async def test_pending_until_reminds_the_owner(sla_app: App, clock: Any) -> None
     number = new_ticket(sla_app)
     agent_reply(sla_app, number, "#assign me\n#pending 2026-11-25 14:00\n\nWill check Wednesday.")
     t = ticket_row(sla_app, number)
-    assert t.state == "pending" and t.pending_until == dt.datetime(2026, 11, 25, 14, 0,
+    # The agent's 14:00 is read where the group works: Berlin (CET, UTC+1).
+    assert t.state == "pending" and t.pending_until == dt.datetime(2026, 11, 25, 13, 0,
                                                                      tzinfo=dt.UTC)
     assert t.next_escalation_at == t.pending_until  # clocks paused; only the reminder
-    clock.now = dt.datetime(2026, 11, 25, 14, 0, tzinfo=dt.UTC)
+    clock.now = dt.datetime(2026, 11, 25, 13, 0, tzinfo=dt.UTC)
     await sla_app.escalation.kick()
     [ev] = events(sla_app, number, "pending-reminder")
     assert ev.data["to"] == ["alice@agents.test"]
