@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from support.corpus import CORPUS
@@ -56,3 +57,40 @@ def test_every_corpus_message_is_a_ticket_or_quarantined(settings: Settings) -> 
     assert {(q.stage, q.reason) for q in held} <= {
         ("parse", "not-rfc5322"), ("parse", "no-headers"), ("normalise", "no-sender")}
     app.engine.dispose()
+
+
+def test_the_corpus_in_batches_is_decided_as_one_message_at_a_time(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The intake's fast path (a batch with one flush) against one message per batch,
+    on real-world mail: duplicates, follow-ups and quarantines within a batch included.
+    The batched run uses this test's backend; the reference run a SQLite of its own."""
+    from support.app import demo_config
+
+    from gateway.config import parse_settings
+
+    def inbound(path: Path) -> Inbound:
+        return Inbound(channel=Channel.EMAIL, raw=path.read_bytes(),
+                       received_at=dt.datetime.now(dt.UTC), source=f"corpus:{path.name}",
+                       mail_from=None, rcpt_tos=("help@helpdesk.test",))
+
+    batched_app = App(settings)
+    batched = []
+    for i in range(0, len(FILES), 16):
+        batched += batched_app.intake._process_batch([inbound(p) for p in FILES[i:i + 16]])
+    batched_app.engine.dispose()
+
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    single_settings = parse_settings(
+        demo_config(single_dir, f"sqlite:///{single_dir / 'single.sqlite3'}"),
+        base_dir=single_dir, environ={})
+    single_app = App(single_settings)
+    single = [single_app.intake.ingest_now(inbound(p)) for p in FILES]
+    single_app.engine.dispose()
+
+    def decided(results: list[Any]) -> list[tuple[str, str | None, str]]:
+        return [(r.outcome.value, r.ticket, r.reason) for r in results]
+
+    assert decided(batched) == decided(single)
+    assert Counter(r.outcome for r in batched)[Outcome.FOLLOWUP] > 0  # threading was used
