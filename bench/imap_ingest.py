@@ -106,10 +106,10 @@ async def run_helpdeskd(server: Dovecot, work: Path, n: int, batch_size: int,
         with app.sessions() as s:
             return int(s.scalar(select(func.count()).select_from(Ticket)) or 0)
 
+    freeze_startup_objects()  # as `helpdeskd run` does before it starts
     last = server.uidnext("help") - 1  # the drain is done when this UID is moved
     started = time.perf_counter()
     await app.start()
-    freeze_startup_objects()  # as `helpdeskd run` does once started
     channel = next(c for c in app.channels if isinstance(c, ImapChannel))
     # In memory: polling the database from here would compete with the writer.
     await wait_for(lambda: channel.position.acked_uid >= last, limit=600)

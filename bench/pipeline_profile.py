@@ -47,7 +47,7 @@ def main() -> None:
                     for raw in batch[i:i + 16]])
 
         run(raws[:200])  # warm-up: caches, prepared statements
-        freeze_startup_objects()  # as `helpdeskd run` does once started
+        freeze_startup_objects()  # as `helpdeskd run` does before it starts
         profile = cProfile.Profile() if args.profile else None
         t0 = time.perf_counter()
         if profile:

@@ -185,12 +185,13 @@ class App:
 
 
 def freeze_startup_objects() -> None:
-    """Once started: move everything allocated so far out of the garbage collector's way.
+    """Before serving: move everything allocated so far out of the garbage collector's way.
 
     Modules, mappers, compiled rules and templates live as long as the process; left
     in the collected generations, every full collection walked them all again (about
     45 ms each, a pause for every message in flight). `gc.freeze()` after one
-    collection leaves the collector only what the daemon allocates while it runs.
+    collection leaves the collector only what the daemon allocates while it runs. Called
+    before the channels listen, so the one collection it takes delays no message.
     """
     gc.collect()
     gc.freeze()
@@ -213,8 +214,8 @@ async def serve(settings: Settings) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    await app.start()
     freeze_startup_objects()
+    await app.start()
     log.info("helpdeskd: running (%s)", redact_url(settings.database_url))
     await stop.wait()
     log.info("helpdeskd: stopping")
