@@ -7,7 +7,7 @@ import threading
 from email.message import EmailMessage
 from typing import Any
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import event, func, inspect, select
 from support.mailer import make_mail, send
 
 from gateway.config import Settings
@@ -196,4 +196,58 @@ def test_the_automatic_mail_count_reads_only_the_index(tmp_path: Any) -> None:
         plan = " ".join(str(row[3]) for row in conn.exec_driver_sql(
             f"EXPLAIN QUERY PLAN {sql}", ("dana@users.test", "2026-11-27 00:00:00")))
     assert "COVERING INDEX ix_outbox_rate" in plan
+    engine.dispose()
+
+
+def _sqlite_sessions(tmp_path: Any) -> tuple[Any, Any]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'queue.sqlite3'}")
+    migrate(engine)
+    return engine, make_sessionmaker(engine)
+
+
+def test_sqlite_writers_of_one_process_queue_in_process(tmp_path: Any, monkeypatch: Any) -> None:
+    """A second transaction waits on the daemon's own queue, never in SQLite's busy handler.
+
+    SQLite's handler sleeps in steps up to 100 ms and wakes late; the queue wakes the
+    next writer at the commit. With the first transaction open, the second one's
+    wait ends with the queue's error, so it never reached SQLite's lock.
+    """
+    import gateway.store.db as db
+
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_S", 0.05)
+    engine, sessions = _sqlite_sessions(tmp_path)
+    with sessions() as first, first.begin():
+        first.execute(select(func.count(Ticket.id)))
+        with sessions() as second:
+            try:
+                second.execute(select(func.count(Ticket.id)))
+            except Exception as exc:
+                assert "in-process writer queue" in str(exc)
+            else:
+                raise AssertionError("the second transaction ran beside the first")
+    with sessions() as third, third.begin():  # the queue was released by both
+        third.execute(select(func.count(Ticket.id)))
+    engine.dispose()
+
+
+def test_sqlite_queued_writer_proceeds_when_the_first_commits(tmp_path: Any) -> None:
+    """The waiter runs as soon as the holder commits, even with SQLite's own wait off."""
+    engine, sessions = _sqlite_sessions(tmp_path)
+    engine.dispose()  # new connections, each with SQLite's busy wait off
+    event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA busy_timeout=0"))
+    now = dt.datetime(2026, 11, 27, 12, tzinfo=dt.UTC)
+    started, numbers = threading.Event(), []
+
+    def second() -> None:
+        started.set()
+        with sessions() as s, s.begin():
+            numbers.append(next_ticket_number(s, now))
+
+    with sessions() as first, first.begin():
+        numbers.append(next_ticket_number(first, now))
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        started.wait()
+    waiter.join()
+    assert numbers == ["2026112700001", "2026112700002"]
     engine.dispose()

@@ -8,6 +8,8 @@ daemon acknowledges a message to its source. The schema is owned by Alembic;
 from __future__ import annotations
 
 import logging
+import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +41,66 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+# How long a writer waits for SQLite's write lock, in this process (the queue below)
+# and then across processes (busy_timeout), before its transaction fails.
+BUSY_TIMEOUT_S = 10
+
+
+def _queued_connection_class() -> type[sqlite3.Connection]:
+    """A sqlite3 connection class whose transactions queue on one in-process lock.
+
+    Every transaction here begins with BEGIN IMMEDIATE, which takes SQLite's write
+    lock. When a second thread of the daemon (the outbox worker, say) asked while the
+    intake writer held it, SQLite's busy handler put that thread to sleep in steps of
+    1, 2, 5 ... 100 ms and it woke up long after the lock was free: at 100 messages/s
+    that showed up as 30-100 ms acknowledgements. Threads of one process now wait on
+    a lock that wakes the next waiter when the holder commits or rolls back.
+    busy_timeout still handles another process (the CLI next to the daemon).
+    One class per engine, so each database file has its own lock.
+    """
+    lock = threading.Lock()
+
+    class QueuedConnection(sqlite3.Connection):
+        holds = False
+
+        def begin_immediate(self) -> None:
+            if not lock.acquire(timeout=BUSY_TIMEOUT_S):
+                raise sqlite3.OperationalError("database is locked (in-process writer queue)")
+            self.holds = True
+            try:
+                self.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.release()
+                raise
+
+        def release(self) -> None:
+            if self.holds:
+                self.holds = False
+                lock.release()
+
+        # After, not before, COMMIT and ROLLBACK: the next writer must not ask
+        # SQLite for the lock while this commit's fsync still holds it.
+        def commit(self) -> None:
+            try:
+                super().commit()
+            finally:
+                self.release()
+
+        def rollback(self) -> None:
+            try:
+                super().rollback()
+            finally:
+                self.release()
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                self.release()
+
+    return QueuedConnection
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # Let SQLAlchemy, not the sqlite3 module, issue BEGIN: savepoints then work
     # (SQLAlchemy docs, "Serializable isolation / Savepoints / Transactional DDL").
@@ -48,7 +110,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     # Writers queue for the lock instead of failing at once (CLI next to the daemon).
-    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
     cur.close()
 
 
@@ -56,7 +118,7 @@ def _sqlite_begin(conn: Any) -> None:
     # IMMEDIATE takes the write lock up front: a deferred transaction that reads
     # and then writes can fail with SQLITE_BUSY when another thread committed in
     # between, and busy_timeout cannot help there.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    conn.connection.dbapi_connection.begin_immediate()
 
 
 def make_engine(url: str) -> Engine:
@@ -65,7 +127,8 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        engine = create_engine(url, connect_args={
+            "check_same_thread": False, "factory": _queued_connection_class()})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
