@@ -101,6 +101,7 @@ class OutboxWorker:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self.attempted = 0  # deliveries tried since start (drain() counts with it)
 
     def wake(self) -> None:
         """Thread-safe: there may be new rows to send."""
@@ -118,8 +119,7 @@ class OutboxWorker:
         while not self._stopping:
             self._wake.clear()
             try:
-                await self.drain()
-                delay = await asyncio.to_thread(self._seconds_to_next_due)
+                delay = await self._drain()
             except Exception:
                 log.exception("outbox: worker iteration failed; retrying in 5 s")
                 delay = 5.0
@@ -130,14 +130,22 @@ class OutboxWorker:
 
     async def drain(self) -> int:
         """Deliver every row that is due now; returns how many were attempted."""
-        total = 0
-        while True:
-            items = await asyncio.to_thread(self._claim)
-            if not items:
-                return total
-            total += len(items)
+        before = self.attempted
+        await self._drain()
+        return self.attempted - before
+
+    async def _drain(self) -> float:
+        """Deliver every row that is due now; returns seconds until the next one is due."""
+        # A round's results are recorded in the transaction that claims the next
+        # round, and the claim that finds nothing also says when the next row is due:
+        # each write transaction here makes the intake writer wait for SQLite's lock.
+        items, delay = await asyncio.to_thread(self._round, [])
+        while items:
+            self.attempted += len(items)
             results = await asyncio.gather(*(self._deliver(i) for i in items))
-            await asyncio.to_thread(self._record, list(zip(items, results, strict=True)))
+            items, delay = await asyncio.to_thread(
+                self._round, list(zip(items, results, strict=True)))
+        return delay
 
     async def _deliver(self, item: Delivery) -> DeliveryError | str | None:
         sender = self.senders.get(item.channel)
@@ -154,77 +162,91 @@ class OutboxWorker:
 
     # -- database (worker threads) -------------------------------------------------
 
-    def _claim(self) -> list[Delivery]:
-        now = self.clock()
-        with self.sessions() as session, session.begin():
-            query = (
-                select(OutboxRow)
-                .where(OutboxRow.state == "pending", OutboxRow.next_attempt_at <= now)
-                .order_by(OutboxRow.id)
-                .limit(BATCH)
-            )
-            if session.bind is not None and session.bind.dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            rows = list(session.scalars(query))
-            for row in rows:
-                row.next_attempt_at = now + LEASE
-            return [
-                Delivery(r.id, r.ticket_id, r.channel, r.kind, tuple(r.recipients),
-                         r.envelope_from, r.message_id, r.raw, r.payload, r.attempts)
-                for r in rows
-            ]
-
-    def _record(self, outcomes: list[tuple[Delivery, DeliveryError | str | None]]) -> None:
-        now = self.clock()
+    def _round(
+        self, outcomes: list[tuple[Delivery, DeliveryError | str | None]]
+    ) -> tuple[list[Delivery], float]:
+        """Record `outcomes`, claim the next due rows; with none, the seconds to the next."""
         failures: list[tuple[Delivery, str, bool]] = []
         with self.sessions() as session, session.begin():
-            # One query for the round, without the composed mail (not needed to record).
-            rows = {r.id: r for r in session.scalars(
-                select(OutboxRow).where(OutboxRow.id.in_([item.id for item, _ in outcomes]))
-                .options(defer(OutboxRow.raw), defer(OutboxRow.payload)))}
-            for item, result in outcomes:
-                row = rows.get(item.id)
-                if row is None:
-                    continue
-                if result is None:
-                    row.state, row.sent_at = "sent", now
-                    row.attempts += 1
-                    row.last_error = None
-                    log.info("outbox: row %d (%s, %s) sent to %s", row.id, row.kind,
-                             row.message_id, row.to_address)
-                elif result == "held":
-                    row.state = "held"
-                    row.last_error = f"no sender for channel {row.channel!r}"
-                elif isinstance(result, RetryLater):
-                    row.state = "pending"
-                    row.last_error = str(result)[:2000]
-                    row.next_attempt_at = now + dt.timedelta(seconds=result.retry_after)
-                    log.warning("outbox: row %d to %s: asked to retry after %.0f s",
-                                row.id, row.to_address, result.retry_after)
-                else:
-                    assert isinstance(result, DeliveryError)
-                    row.attempts += 1
-                    row.last_error = str(result)[:2000]
-                    if result.permanent or row.attempts >= self.settings.max_attempts:
-                        row.state = "dead"
-                        failures.append((item, row.last_error, True))
-                        log.error("outbox: row %d to %s is dead after %d attempt(s): %s",
-                                  row.id, row.to_address, row.attempts, row.last_error)
-                    else:
-                        row.state = "pending"
-                        row.next_attempt_at = now + backoff(self.settings, row.attempts)
-                        log.warning("outbox: row %d to %s failed (attempt %d), retry at %s: %s",
-                                    row.id, row.to_address, row.attempts,
-                                    row.next_attempt_at.isoformat(), row.last_error)
+            if outcomes:
+                failures = self._record(session, outcomes)
+            items = self._claim(session)
+            delay = 0.0 if items else self._seconds_to_next_due(session)
+        # After the commit: a failure callback writes in a transaction of its own.
         if self.on_failure is not None:
             for item, error, dead in failures:
                 self.on_failure(item, error, dead)
+        return items, delay
 
-    def _seconds_to_next_due(self) -> float:
-        with self.sessions() as session:
-            nxt = session.scalar(
-                select(func.min(OutboxRow.next_attempt_at)).where(OutboxRow.state == "pending")
-            )
+    def _claim(self, session: Session) -> list[Delivery]:
+        now = self.clock()
+        query = (
+            select(OutboxRow)
+            .where(OutboxRow.state == "pending", OutboxRow.next_attempt_at <= now)
+            .order_by(OutboxRow.id)
+            .limit(BATCH)
+        )
+        if session.bind is not None and session.bind.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        rows = list(session.scalars(query))
+        for row in rows:
+            row.next_attempt_at = now + LEASE
+        return [
+            Delivery(r.id, r.ticket_id, r.channel, r.kind, tuple(r.recipients),
+                     r.envelope_from, r.message_id, r.raw, r.payload, r.attempts)
+            for r in rows
+        ]
+
+    def _record(self, session: Session,
+                outcomes: list[tuple[Delivery, DeliveryError | str | None]],
+                ) -> list[tuple[Delivery, str, bool]]:
+        """Write each outcome to its row; returns the failures to report after commit."""
+        now = self.clock()
+        failures: list[tuple[Delivery, str, bool]] = []
+        # One query for the round, without the composed mail (not needed to record).
+        rows = {r.id: r for r in session.scalars(
+            select(OutboxRow).where(OutboxRow.id.in_([item.id for item, _ in outcomes]))
+            .options(defer(OutboxRow.raw), defer(OutboxRow.payload)))}
+        for item, result in outcomes:
+            row = rows.get(item.id)
+            if row is None:
+                continue
+            if result is None:
+                row.state, row.sent_at = "sent", now
+                row.attempts += 1
+                row.last_error = None
+                log.info("outbox: row %d (%s, %s) sent to %s", row.id, row.kind,
+                         row.message_id, row.to_address)
+            elif result == "held":
+                row.state = "held"
+                row.last_error = f"no sender for channel {row.channel!r}"
+            elif isinstance(result, RetryLater):
+                row.state = "pending"
+                row.last_error = str(result)[:2000]
+                row.next_attempt_at = now + dt.timedelta(seconds=result.retry_after)
+                log.warning("outbox: row %d to %s: asked to retry after %.0f s",
+                            row.id, row.to_address, result.retry_after)
+            else:
+                assert isinstance(result, DeliveryError)
+                row.attempts += 1
+                row.last_error = str(result)[:2000]
+                if result.permanent or row.attempts >= self.settings.max_attempts:
+                    row.state = "dead"
+                    failures.append((item, row.last_error, True))
+                    log.error("outbox: row %d to %s is dead after %d attempt(s): %s",
+                              row.id, row.to_address, row.attempts, row.last_error)
+                else:
+                    row.state = "pending"
+                    row.next_attempt_at = now + backoff(self.settings, row.attempts)
+                    log.warning("outbox: row %d to %s failed (attempt %d), retry at %s: %s",
+                                row.id, row.to_address, row.attempts,
+                                row.next_attempt_at.isoformat(), row.last_error)
+        return failures
+
+    def _seconds_to_next_due(self, session: Session) -> float:
+        nxt = session.scalar(
+            select(func.min(OutboxRow.next_attempt_at)).where(OutboxRow.state == "pending")
+        )
         if nxt is None:
             return 300.0
         return max(0.0, min(300.0, (nxt - self.clock()).total_seconds()))
