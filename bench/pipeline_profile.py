@@ -1,11 +1,11 @@
 """Where one message's time goes in the intake writer (no SMTP, no client).
 
 Feeds the same messages as bench/smtp_ingest.py straight to the intake in
-batches of 16 (as a burst would), on a fresh SQLite database: prints the
-writer's time per message, and with --profile the cProfile breakdown of the
-pipeline's own functions.
+batches of 16 (as a burst would; --batch 1 is a quiet daemon's case), on a
+fresh SQLite database: prints the writer's time per message, and with
+--profile the cProfile breakdown of the pipeline's own functions.
 
-    .venv/bin/python bench/pipeline_profile.py [--messages 1000] [--profile]
+    .venv/bin/python bench/pipeline_profile.py [--messages 1000] [--batch 16] [--profile]
 
 Prints figures; asserts nothing.
 """
@@ -33,6 +33,7 @@ from gateway.message import Channel, Inbound
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,11 +41,11 @@ def main() -> None:
         raws = [message(i) for i in range(args.messages + 200)]
 
         def run(batch: list[bytes]) -> None:
-            for i in range(0, len(batch), 16):
+            for i in range(0, len(batch), args.batch):
                 app.intake._process_batch([
                     Inbound(Channel.EMAIL, raw, dt.datetime.now(dt.UTC), "bench",
                             "user@users.test", ("help@helpdesk.test",))
-                    for raw in batch[i:i + 16]])
+                    for raw in batch[i:i + args.batch]])
 
         run(raws[:200])  # warm-up: caches, prepared statements
         freeze_startup_objects()  # as `helpdeskd run` does before it starts
@@ -56,7 +57,7 @@ def main() -> None:
         if profile:
             profile.disable()
         per = (time.perf_counter() - t0) / args.messages * 1000
-        print(f"{per:.2f} ms per message in the intake writer"
+        print(f"{per:.2f} ms per message in the intake writer (batches of {args.batch})"
               f"{' (under cProfile: inflated)' if profile else ''}")
         if profile:
             stats = pstats.Stats(profile)
