@@ -23,8 +23,8 @@ from gateway.mail.auto import AutoInfo
 from gateway.mail.quotes import strip_reply
 from gateway.message import Inbound, ParsedMail
 from gateway.notify import Notifier
-from gateway.store.models import Article, Event, Participant, Ticket
-from gateway.store.pending import add_message_id
+from gateway.store.models import Article, Participant, Ticket
+from gateway.store.pending import add_event, add_message_id, add_row
 
 if TYPE_CHECKING:
     from gateway.pipeline import Disposition
@@ -78,8 +78,8 @@ class AgentReplies:
                                  "(message %s): nothing executed", ticket.number, sender, mid)
             store_article(session, ticket, inbound, mail, info, now,
                           kind="internal", role="system")
-            session.add(Event(ticket=ticket, at=now, actor=sender or "unknown",
-                              kind="token-refused", data={"why": why, "message_id": mid}))
+            add_event(session, ticket, at=now, actor=sender or "unknown",
+                              kind="token-refused", data={"why": why, "message_id": mid})
             log.info("message %s: token mail for ticket %s kept as internal note: %s",
                      mid, ticket.number, why)
             return Disposition(Outcome.NOTE, ticket.number, mid, reason=why)
@@ -138,8 +138,8 @@ class AgentReplies:
         """B13: one error mail, nothing executed; the Message-ID is kept for dedup only."""
         if mid:
             add_message_id(session, mid, None, "rejected", now)
-        session.add(Event(ticket=ticket, at=now, actor=agent, kind="reply-rejected",
-                          data={"problems": problems, "message_id": mid}))
+        add_event(session, ticket, at=now, actor=agent, kind="reply-rejected",
+                          data={"problems": problems, "message_id": mid})
         self.notifier.command_error(session, ticket, agent, problems,
                                     commands.valid_commands(), in_reply_to=mid, now=now)
         log.info("message %s: reply from %s to ticket %s rejected: %s",
@@ -175,10 +175,11 @@ class AgentReplies:
             exists = session.scalar(select(Participant.id).where(
                 Participant.ticket_id == ticket.id, Participant.address == address))
             if exists is None:
-                session.add(Participant(ticket_id=ticket.id, address=address, role="cc"))
+                add_row(session, Participant, ticket,
+                        {"address": address, "name": "", "role": "cc"})
             data["address"] = address
-        session.add(Event(ticket=ticket, at=now, actor=agent, kind=f"command:{cmd.name}",
-                          data=data))
+        add_event(session, ticket, at=now, actor=agent, kind=f"command:{cmd.name}",
+                          data=data)
         if cmd.name in ("close", "open", "pending"):
             self.changed(session, ticket, "state", now)
         elif cmd.name in ("group", "priority", "major"):
@@ -195,26 +196,26 @@ class AgentReplies:
                 Article.ticket_id == ticket.id, Article.author_role == "customer",
                 Article.message_id.is_not(None))
             .order_by(Article.id.desc()).limit(10)) if m][::-1]
-        row = self.notifier.relay(
+        sent = self.notifier.relay(
             session, ticket, article, agent_name=agent_name,
             participants=[(a, n) for a, n in parts],
             in_reply_to=refs[-1] if refs else None,
             references=refs, now=now,
         )
-        if row is None:
+        if not sent:
             # Nobody could be written to (e.g. an address outbound mail cannot encode):
             # the customer has no answer, so the ticket is not answered either.
             problem = f"{ticket.customer!r} cannot be written to"
-            session.add(Event(ticket=ticket, at=now, actor=agent, kind="relay-undeliverable",
-                              data={"customer": ticket.customer, "message_id": mid}))
+            add_event(session, ticket, at=now, actor=agent, kind="relay-undeliverable",
+                              data={"customer": ticket.customer, "message_id": mid})
             self.notifier.relay_failed(session, ticket, agent, problem, in_reply_to=mid,
                                        now=now)
             log.warning("ticket %s: reply from %s stored but not sent: %s", ticket.number,
                         agent, problem)
             return
         if ticket.state == "new":
-            session.add(Event(ticket=ticket, at=now, actor="system", kind="state",
-                              data={"from": "new", "to": "open", "why": "first agent reply"}))
+            add_event(session, ticket, at=now, actor="system", kind="state",
+                              data={"from": "new", "to": "open", "why": "first agent reply"})
             ticket.state = "open"
             self.changed(session, ticket, "state", now)
         if ticket.first_response_at is None:

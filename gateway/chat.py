@@ -41,12 +41,12 @@ from gateway.pipeline import (
     Pipeline,
     StageError,
     open_ticket,
-    routed_event,
+    routed_data,
     stage,
 )
 from gateway.routing import Decision, RoutingFacts
-from gateway.store.models import Article, Event, MessageId, Participant, Ticket
-from gateway.store.pending import add_message_id
+from gateway.store.models import Article, MessageId, Participant, Ticket
+from gateway.store.pending import add_event, add_message_id, add_row
 
 if TYPE_CHECKING:
     from gateway.notify import Notifier
@@ -299,14 +299,15 @@ class _ChatPath:
             channel_ref={"bot": self.bot.name, "chat_id": u.chat_id, "chat_type": u.chat_type,
                          "user_id": u.user_id, "username": u.username},
         )
-        self.session.add(Participant(ticket=ticket, address=ticket.customer,
-                                     name=ticket.customer_name, role="customer"))
+        add_row(self.session, Participant, ticket, {
+            "address": ticket.customer, "name": ticket.customer_name, "role": "customer"})
         article = self._store(ticket, mail)
-        self.session.add(Event(ticket=ticket, at=self.now, actor=ticket.customer, kind="created",
+        add_event(self.session, ticket, at=self.now, actor=ticket.customer, kind="created",
                                data={"message_id": mail.message_id, "channel": CHANNEL,
                                      "inbound": ticket.inbound_address, "bot": self.bot.name,
-                                     "chat_id": u.chat_id, "automatic": [], "linked": None}))
-        self.session.add(routed_event(ticket, decision, self.now))
+                                     "chat_id": u.chat_id, "automatic": [], "linked": None})
+        add_event(self.session, ticket, at=self.now, actor="routing", kind="routed",
+                  data=routed_data(ticket, decision))
         self.p.changed(self.session, ticket, "created", self.now)
         self._say(ticket, "ack", "telegram_ack.txt", automatic=True,
                   hook=self.p.hooks.format(ticket.number), group=ticket.group)
@@ -321,9 +322,9 @@ class _ChatPath:
         if ticket.state == "pending":
             # B10: a customer follow-up reopens a pending ticket (closed ones are not
             # followed up in a chat: the next message opens a new ticket).
-            self.session.add(Event(ticket=ticket, at=self.now, actor=ticket.customer,
+            add_event(self.session, ticket, at=self.now, actor=ticket.customer,
                                    kind="state", data={"from": "pending", "to": "open",
-                                                       "why": "customer follow-up"}))
+                                                       "why": "customer follow-up"})
             ticket.state = "open"
             self.p.changed(self.session, ticket, "state", self.now)
         self.p.changed(self.session, ticket, "customer-message", self.now)
@@ -355,11 +356,11 @@ class _ChatPath:
         before = article.body
         article.body = self._body(u.text)
         edit_date = u.update["edited_message"].get("edit_date")
-        self.session.add(Event(ticket=ticket, at=self.now, actor=ticket.customer,
+        add_event(self.session, ticket, at=self.now, actor=ticket.customer,
                                kind="article-edited",
                                data={"article": article.id, "message_id": key,
                                      "before": before, "after": article.body,
-                                     "edit_date": edit_date}))
+                                     "edit_date": edit_date})
         ticket.updated_at = self.now
         self.ticket = ticket
         log.info("%s: message %s on ticket %s edited", self.tag, key, ticket.number)
@@ -394,9 +395,9 @@ class _ChatPath:
         if ticket is None:
             self._say(None, "bot", "telegram_closed.txt", automatic=False, ticket=None, hook="")
             return Disposition(Outcome.COMMAND, reason="/close")
-        self.session.add(Event(ticket=ticket, at=self.now, actor=ticket.customer, kind="state",
+        add_event(self.session, ticket, at=self.now, actor=ticket.customer, kind="state",
                                data={"from": ticket.state, "to": "closed",
-                                     "why": "customer /close"}))
+                                     "why": "customer /close"})
         ticket.state = "closed"
         ticket.closed_at = self.now
         ticket.updated_at = self.now
@@ -498,8 +499,8 @@ def delivery_failed(notifier: Notifier, session: Session, item: Delivery, error:
         subject="Undeliverable chat message", body=body, html=None, message_id=None,
         automatic=True, raw=None, created_at=now,
     ))
-    session.add(Event(ticket=ticket, at=now, actor="system", kind="delivery-failed",
+    add_event(session, ticket, at=now, actor="system", kind="delivery-failed",
                       data={"outbox": item.id, "kind": item.kind, "channel": item.channel,
-                            "error": error, "blocked": blocked}))
+                            "error": error, "blocked": blocked})
     log.warning("ticket %s: %s message (outbox %d) to the chat is dead: %s",
                 ticket.number, item.kind, item.id, error)

@@ -23,8 +23,8 @@ from gateway.config import Settings
 from gateway.followup import Hooks, make_token, reply_address
 from gateway.mail.compose import ComposeError, compose, encode_address, make_message_id
 from gateway.message import Address, Outbound
-from gateway.store.models import Article, Event, OutboxRow, Ticket
-from gateway.store.pending import Pending, add_message_id, pending_of
+from gateway.store.models import Article, OutboxRow, Ticket
+from gateway.store.pending import Pending, add_event, add_message_id, add_row, pending_of
 
 log = logging.getLogger(__name__)
 
@@ -153,22 +153,24 @@ class Notifier:
         *,
         now: dt.datetime,
         automatic: bool,
-    ) -> OutboxRow | None:
-        """Compose `out` and store it for delivery; None when nothing is left to send."""
+        not_before: dt.datetime | None = None,
+    ) -> bool:
+        """Compose `out` and store it for delivery (not before `not_before`, if given);
+        False when nothing is left to send."""
         to = tuple(a for a in out.to if self._deliverable(a.address, ticket))
         cc = tuple(a for a in out.cc if self._deliverable(a.address, ticket) and a not in to)
         if not to:
             log.info("ticket %s: %s mail has no recipient left", _num(ticket), kind)
-            return None
+            return False
         if automatic and self._rate_limited(session, to[0].address, now):
             log.warning(
                 "ticket %s: %s mail to %s suppressed by the hourly rate limit",
                 _num(ticket), kind, to[0].address,
             )
             if ticket is not None:
-                session.add(_event(ticket, now, "system", "mail-suppressed",
-                                   {"kind": kind, "to": to[0].address}))
-            return None
+                add_event(session, ticket, at=now, actor="system", kind="mail-suppressed",
+                          data={"kind": kind, "to": to[0].address})
+            return False
         out = Outbound(
             sender=out.sender, to=to, cc=cc, subject=out.subject, text=out.text,
             reply_to=out.reply_to, html=out.html, in_reply_to=out.in_reply_to,
@@ -177,31 +179,20 @@ class Notifier:
         )
         message_id = make_message_id(self.domain)
         raw = compose(out, message_id=message_id, date=now, loop_value=self.loop_value)
-        row = OutboxRow(
-            ticket=ticket,
-            channel="email",
-            kind=kind,
-            to_address=to[0].address,
-            recipients=[a.address for a in (*to, *cc)],
-            envelope_from=out.sender.address,
-            message_id=message_id,
-            raw=raw,
-            state="pending",
-            automatic=automatic,
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
-        session.add(row)
+        add_row(session, OutboxRow, ticket, _outbox_values(
+            channel="email", kind=kind, to_address=to[0].address,
+            recipients=[a.address for a in (*to, *cc)], envelope_from=out.sender.address,
+            message_id=message_id, raw=raw, payload=None, automatic=automatic, now=now,
+            not_before=not_before))
         if ticket is not None:
             add_message_id(session, message_id, ticket, "out", now)
-        return row
+        return True
 
     # -- the messages --------------------------------------------------------------
 
     def acknowledge(
         self, session: Session, ticket: Ticket, article: Article, now: dt.datetime
-    ) -> OutboxRow | None:
+    ) -> bool:
         """B6: one acknowledgement to the customer, from the address they wrote to."""
         text = self.templates.render(
             "ack.txt", ticket=ticket, hook=self.hooks.format(ticket.number),
@@ -236,13 +227,14 @@ class Notifier:
         agents: Iterable[str] | None = None,
         attach: bool = False,
         **context: Any,
-    ) -> list[OutboxRow]:
-        """B7: one notification per agent, each with its own tokened Reply-To.
+    ) -> list[str]:
+        """B7: one notification per agent, each with its own tokened Reply-To; returns
+        the agents written to.
 
         `attach`: carry the article's files (chat channels, where the agent has no
         other way to see what the customer sent).
         """
-        rows: list[OutboxRow] = []
+        notified: list[str] = []
         files = (tuple(_attachment(a) for a in article.attachments)
                  if attach and article is not None else ())
         names = [a.filename for a in article.attachments] if article is not None else []
@@ -270,10 +262,9 @@ class Notifier:
                 auto_submitted="auto-generated",
                 attachments=files,
             )
-            row = self.enqueue(session, ticket, "notify", out, now=now, automatic=False)
-            if row is not None:
-                rows.append(row)
-        return rows
+            if self.enqueue(session, ticket, "notify", out, now=now, automatic=False):
+                notified.append(agent)
+        return notified
 
     def relay(
         self,
@@ -286,7 +277,7 @@ class Notifier:
         in_reply_to: str | None,
         references: Sequence[str],
         now: dt.datetime,
-    ) -> OutboxRow | None:
+    ) -> bool:
         """B14: an agent's words to the customer, from the inbound address, no token."""
         others = tuple(Address(a, n) for a, n in participants if a != ticket.customer)
         if ticket.channel == "telegram" and ticket.channel_ref:
@@ -295,7 +286,7 @@ class Notifier:
                 "telegram_relay.txt", text=article.body, agent_name=agent_name,
                 helpdesk=self.helpdesk, hook=self.hooks.format(ticket.number),
             )
-            row = self.enqueue_chat(
+            sent = self.enqueue_chat(
                 session, ticket, "relay", bot=str(ticket.channel_ref["bot"]),
                 chat_id=int(ticket.channel_ref["chat_id"]), text=text,
                 attachments=article.attachments, automatic=False, now=now,
@@ -307,7 +298,7 @@ class Notifier:
             if mailboxes:
                 self.enqueue(session, ticket, "relay", self._relay_mail(
                     ticket, article, agent_name, to=mailboxes, cc=()), now=now, automatic=False)
-            return row
+            return sent
         out = self._relay_mail(ticket, article, agent_name,
                                to=(Address(ticket.customer, ticket.customer_name),), cc=others,
                                in_reply_to=in_reply_to, references=references)
@@ -352,7 +343,8 @@ class Notifier:
         attachments: Sequence[Any] = (),
         automatic: bool,
         now: dt.datetime,
-    ) -> OutboxRow | None:
+        not_before: dt.datetime | None = None,
+    ) -> bool:
         """Store a chat message for delivery by the channel's sender (outbox `payload`).
 
         Files are referenced by their blob's SHA-256, not copied. What the bot says
@@ -363,40 +355,28 @@ class Notifier:
             log.warning("ticket %s: %s chat message to %s suppressed by the hourly rate limit",
                         _num(ticket), kind, to)
             if ticket is not None:
-                session.add(_event(ticket, now, "system", "mail-suppressed",
-                                   {"kind": kind, "to": to}))
-            return None
+                add_event(session, ticket, at=now, actor="system", kind="mail-suppressed",
+                          data={"kind": kind, "to": to})
+            return False
         bot_settings = self.settings.telegram_bot(bot)
         sender = (ticket.inbound_address if ticket is not None
                   else bot_settings.inbound_address if bot_settings is not None else "")
-        row = OutboxRow(
-            ticket=ticket,
-            channel="telegram",
-            kind=kind,
-            to_address=to,
-            recipients=[to],
-            envelope_from=sender,
-            message_id=None,
-            raw=None,
+        add_row(session, OutboxRow, ticket, _outbox_values(
+            channel="telegram", kind=kind, to_address=to, recipients=[to],
+            envelope_from=sender, message_id=None, raw=None,
             payload={
                 "bot": bot, "chat_id": chat_id, "text": text,
                 "attachments": [{"sha256": a.sha256, "filename": a.filename,
                                  "content_type": a.content_type, "size": a.size}
                                 for a in attachments],
             },
-            state="pending",
-            automatic=automatic,
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
-        session.add(row)
-        return row
+            automatic=automatic, now=now, not_before=not_before))
+        return True
 
     def relay_failed(
         self, session: Session, ticket: Ticket, agent: str, problem: str, *,
         in_reply_to: str | None, now: dt.datetime,
-    ) -> OutboxRow | None:
+    ) -> bool:
         """The agent's words were stored but nobody could be written to: say so."""
         text = self.templates.render(
             "relay_failed.txt", hook=self.hooks.format(ticket.number), problem=problem,
@@ -415,7 +395,7 @@ class Notifier:
         *,
         in_reply_to: str | None,
         now: dt.datetime,
-    ) -> OutboxRow | None:
+    ) -> bool:
         """B13/B16: one error mail to the agent; nothing else happened."""
         text = self.templates.render(
             "command_error.txt", hook=self.hooks.format(ticket.number), problems=problems,
@@ -427,7 +407,7 @@ class Notifier:
     def _to_agent(
         self, session: Session, ticket: Ticket, agent: str, prefix: str, text: str, *,
         in_reply_to: str | None, now: dt.datetime,
-    ) -> OutboxRow | None:
+    ) -> bool:
         """An error mail to an agent about their reply: automatic, so rate-capped."""
         settings = self.settings.agent(agent)
         out = Outbound(
@@ -454,8 +434,9 @@ class Notifier:
         not_before: dt.datetime | None = None,
         to_customer: bool = False,
         **context: Any,
-    ) -> list[OutboxRow]:
-        """Escalation mail (issue 6): warnings, breaches, reminders, incident notices.
+    ) -> list[str]:
+        """Escalation mail (issue 6): warnings, breaches, reminders, incident notices;
+        returns the recipients written to.
 
         One message per recipient. Staff get a tokened Reply-To, so they can act on
         the ticket by answering; the customer gets what an acknowledgement looks
@@ -467,14 +448,13 @@ class Notifier:
             helpdesk=self.helpdesk, **context,
         )
         subject = self.hooks.subject(ticket.number, ticket.subject, prefix=subject_prefix)
-        rows: list[OutboxRow] = []
+        sent: list[str] = []
         for address in dict.fromkeys(a.lower() for a in recipients):
-            row: OutboxRow | None
             if to_customer and ticket.channel == "telegram" and ticket.channel_ref:
-                row = self.enqueue_chat(
+                queued = self.enqueue_chat(
                     session, ticket, kind, bot=str(ticket.channel_ref["bot"]),
                     chat_id=int(ticket.channel_ref["chat_id"]), text=text, automatic=True,
-                    now=now,
+                    now=now, not_before=not_before,
                 )
             elif to_customer:
                 out = Outbound(
@@ -483,7 +463,8 @@ class Notifier:
                                 if address == ticket.customer else ""),),
                     subject=subject, text=text, auto_submitted="auto-generated",
                 )
-                row = self.enqueue(session, ticket, kind, out, now=now, automatic=True)
+                queued = self.enqueue(session, ticket, kind, out, now=now, automatic=True,
+                                      not_before=not_before)
             else:
                 agent = self.settings.agent(address)
                 token = make_token(self.secret, ticket.number, address)
@@ -495,12 +476,11 @@ class Notifier:
                                                    token), self.helpdesk),
                     auto_submitted="auto-generated",
                 )
-                row = self.enqueue(session, ticket, kind, out, now=now, automatic=False)
-            if row is not None:
-                if not_before is not None and not_before > now:
-                    row.next_attempt_at = not_before
-                rows.append(row)
-        return rows
+                queued = self.enqueue(session, ticket, kind, out, now=now, automatic=False,
+                                      not_before=not_before)
+            if queued:
+                sent.append(address)
+        return sent
 
 
 def _refs(article: Article | None) -> tuple[str, ...]:
@@ -519,6 +499,15 @@ def _num(ticket: Ticket | None) -> str:
     return ticket.number if ticket is not None else "-"
 
 
-def _event(ticket: Ticket, now: dt.datetime, actor: str, kind: str,
-           data: dict[str, Any]) -> Event:
-    return Event(ticket=ticket, at=now, actor=actor, kind=kind, data=data)
+def _outbox_values(*, channel: str, kind: str, to_address: str, recipients: list[str],
+                   envelope_from: str, message_id: str | None, raw: bytes | None,
+                   payload: dict[str, Any] | None, automatic: bool, now: dt.datetime,
+                   not_before: dt.datetime | None) -> dict[str, Any]:
+    """A new outbox row's columns: always the same ones (see `add_row`)."""
+    return {
+        "channel": channel, "kind": kind, "to_address": to_address, "recipients": recipients,
+        "envelope_from": envelope_from, "message_id": message_id, "raw": raw,
+        "payload": payload, "state": "pending", "automatic": automatic, "attempts": 0,
+        "next_attempt_at": not_before if not_before is not None and not_before > now else now,
+        "created_at": now,
+    }

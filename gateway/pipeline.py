@@ -45,13 +45,19 @@ from gateway.store.models import (
     Attachment,
     Blob,
     Counter,
-    Event,
     MessageId,
     Participant,
     QuarantineRow,
     Ticket,
 )
-from gateway.store.pending import Pending, add_message_id, autoflushing, pending_of
+from gateway.store.pending import (
+    Pending,
+    add_event,
+    add_message_id,
+    add_row,
+    autoflushing,
+    pending_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -360,12 +366,13 @@ class Pipeline:
         self._add_participants(session, ticket, mail, customer=True)
         article = self._store_article(session, ticket, inbound, mail, info, now,
                                       kind="public", role="customer")
-        session.add(Event(ticket=ticket, at=now, actor=ticket.customer, kind="created", data={
+        add_event(session, ticket, at=now, actor=ticket.customer, kind="created", data={
             "message_id": mail.message_id, "channel": inbound.channel.value,
             "inbound": address, "automatic": list(info.reasons),
             "linked": linked.number if linked is not None else None,
-        }))
-        session.add(routed_event(ticket, decision, now))
+        })
+        add_event(session, ticket, at=now, actor="routing", kind="routed",
+                  data=routed_data(ticket, decision))
         self.changed(session, ticket, "created", now)
         if not info.is_automatic and not self.notifier.is_own(ticket.customer):
             self.notifier.acknowledge(session, ticket, article, now)
@@ -393,9 +400,9 @@ class Pipeline:
         ticket.updated_at = now
         if not info.is_automatic and not is_agent:
             if ticket.state in ("pending", "closed"):
-                session.add(Event(ticket=ticket, at=now, actor=sender, kind="state",
+                add_event(session, ticket, at=now, actor=sender, kind="state",
                                   data={"from": ticket.state, "to": "open",
-                                        "why": "customer follow-up"}))
+                                        "why": "customer follow-up"})
                 ticket.state = "open"
                 ticket.closed_at = None
                 self.changed(session, ticket, "state", now)
@@ -432,8 +439,8 @@ class Pipeline:
                     Participant.ticket_id == ticket.id, Participant.address == rcpt.lower()))
                 if part is not None:
                     part.bouncing = ", ".join(report.statuses)
-                session.add(Event(ticket=ticket, at=now, actor="system", kind="bounce", data={
-                    "recipient": rcpt, "statuses": list(report.statuses)}))
+                add_event(session, ticket, at=now, actor="system", kind="bounce", data={
+                    "recipient": rcpt, "statuses": list(report.statuses)})
         log.info("message %s: report attached to ticket %s", mail.message_id, ticket.number)
         return Disposition(Outcome.NOTE, ticket.number, mail.message_id, reason="report")
 
@@ -458,7 +465,7 @@ class Pipeline:
             if self.settings.agent(address) is not None:
                 continue
             existing.add(address)
-            session.add(Participant(ticket=ticket, address=address, name=name, role=role))
+            add_row(session, Participant, ticket, {"address": address, "name": name, "role": role})
 
     def _store_article(
         self,
@@ -518,9 +525,9 @@ class Pipeline:
         return article
 
 
-def routed_event(ticket: Ticket, decision: Decision, now: dt.datetime) -> Event:
-    """The audit event of a new ticket's routing (its group is already set)."""
-    return Event(ticket=ticket, at=now, actor="routing", kind="routed", data={
+def routed_data(ticket: Ticket, decision: Decision) -> dict[str, Any]:
+    """The data of a new ticket's `routed` audit event (its group is already set)."""
+    return {
         "group": ticket.group, "priority": ticket.priority, "tags": ticket.tags,
         # Hits with what they did; misses are only counted (`rules explain` shows them).
         "trail": [
@@ -529,7 +536,7 @@ def routed_event(ticket: Ticket, decision: Decision, now: dt.datetime) -> Event:
         ],
         "evaluated": len(decision.trail),
         "default": decision.group is None,
-    })
+    }
 
 
 def _with_fallback_sender(mail: ParsedMail, inbound: Inbound) -> ParsedMail:

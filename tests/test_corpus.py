@@ -19,7 +19,7 @@ from gateway.config import Settings
 from gateway.daemon import App
 from gateway.message import Channel, Inbound
 from gateway.pipeline import Outcome
-from gateway.store.models import QuarantineRow
+from gateway.store.models import Event, OutboxRow, Participant, QuarantineRow, Ticket
 
 FILES = sorted(CORPUS.rglob("*.eml"))
 
@@ -64,7 +64,10 @@ def test_the_corpus_in_batches_is_decided_as_one_message_at_a_time(
 ) -> None:
     """The intake's fast path (a batch with one flush) against one message per batch,
     on real-world mail: duplicates, follow-ups and quarantines within a batch included.
-    The batched run uses this test's backend; the reference run a SQLite of its own."""
+    The batched run uses this test's backend; the reference run a SQLite of its own.
+    Not only the outcomes are the same, but what each ticket stores: its audit trail
+    and participants in order, and its outbox rows (the fast path writes these rows
+    apart from the ORM's flush)."""
     from support.app import demo_config
 
     from gateway.config import parse_settings
@@ -78,6 +81,7 @@ def test_the_corpus_in_batches_is_decided_as_one_message_at_a_time(
     batched = []
     for i in range(0, len(FILES), 16):
         batched += batched_app.intake._process_batch([inbound(p) for p in FILES[i:i + 16]])
+    batched_rows = stored(batched_app)
     batched_app.engine.dispose()
 
     single_dir = tmp_path / "single"
@@ -87,6 +91,7 @@ def test_the_corpus_in_batches_is_decided_as_one_message_at_a_time(
         base_dir=single_dir, environ={})
     single_app = App(single_settings)
     single = [single_app.intake.ingest_now(inbound(p)) for p in FILES]
+    single_rows = stored(single_app)
     single_app.engine.dispose()
 
     def decided(results: list[Any]) -> list[tuple[str, str | None, str]]:
@@ -94,3 +99,23 @@ def test_the_corpus_in_batches_is_decided_as_one_message_at_a_time(
 
     assert decided(batched) == decided(single)
     assert Counter(r.outcome for r in batched)[Outcome.FOLLOWUP] > 0  # threading was used
+    assert batched_rows == single_rows
+    assert sum(len(rows["events"]) for rows in batched_rows.values()) >= 2 * len(batched_rows)
+
+
+def stored(app: App) -> dict[str, dict[str, list[Any]]]:
+    """Per ticket number: its events, participants and outbox rows, each in id order."""
+    with app.sessions() as session:
+        numbers: dict[int, str] = {
+            tid: number for tid, number in session.execute(select(Ticket.id, Ticket.number))}
+        rows: dict[str, dict[str, list[Any]]] = {
+            n: {"events": [], "participants": [], "outbox": []} for n in numbers.values()}
+        for e in session.scalars(select(Event).order_by(Event.id)):
+            rows[numbers[e.ticket_id]]["events"].append((e.kind, e.actor))
+        for p in session.scalars(select(Participant).order_by(Participant.id)):
+            rows[numbers[p.ticket_id]]["participants"].append((p.address, p.name, p.role))
+        for o in session.scalars(select(OutboxRow).order_by(OutboxRow.id)):
+            assert o.ticket_id is not None
+            rows[numbers[o.ticket_id]]["outbox"].append(
+                (o.kind, o.to_address, tuple(o.recipients), o.automatic, o.state, o.payload))
+    return rows

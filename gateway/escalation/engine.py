@@ -59,6 +59,7 @@ from gateway.escalation.sla import (
 )
 from gateway.notify import Notifier
 from gateway.store.models import Article, Event, IncidentReview, Ticket
+from gateway.store.pending import add_event, flush
 
 log = logging.getLogger(__name__)
 
@@ -262,15 +263,16 @@ class SlaEngine:
                 # cost more than the whole computation).
                 self._changed(session, ticket, change, now)
                 return
-            # Flushed first, so that undoing the savepoint cannot undo the pipeline's work.
-            session.flush()
+            # Flushed first (the rows the intake defers too), so that undoing the
+            # savepoint cannot undo the pipeline's work.
+            flush(session)
             with session.begin_nested():
                 self._changed(session, ticket, change, now)
         except Exception as exc:
             log.exception("sla: ticket %s: deadlines not updated after %s", ticket.number,
                           change)
-            session.add(Event(ticket=ticket, at=now, actor=ACTOR, kind="sla-error",
-                              data={"change": change, "error": f"{type(exc).__name__}: {exc}"}))
+            add_event(session, ticket, at=now, actor=ACTOR, kind="sla-error",
+                              data={"change": change, "error": f"{type(exc).__name__}: {exc}"})
 
     def _changed(self, session: Session, ticket: Ticket, change: str, now: dt.datetime) -> None:
         if change != "created":
@@ -333,10 +335,10 @@ class SlaEngine:
                         fired=ticket.sla_fired or {})
         name = policy.name if policy is not None else None
         if name != ticket.sla_name:
-            session.add(Event(ticket=ticket, at=now, actor=ACTOR, kind="sla", data={
+            add_event(session, ticket, at=now, actor=ACTOR, kind="sla", data={
                 "from": ticket.sla_name, "to": name, "why": why,
                 "calendar": policy.calendar_name if policy is not None else None,
-            }))
+            })
             ticket.sla_name = name
         ticket.first_response_due = sched.due("first_response")
         ticket.update_due = sched.due("update")
@@ -503,11 +505,11 @@ class SlaEngine:
             sla=sched.policy.name, target=str(report.target), target_minutes=report.target_minutes,
             used=report.used_minutes, calendar=sched.policy.calendar_name, escalation=escalation,
         )
-        session.add(Event(ticket=ticket, at=now, actor=ACTOR, kind="sla-warning", data={
+        add_event(session, ticket, at=now, actor=ACTOR, kind="sla-warning", data={
             "clock": alarm.clock, "sla": sched.policy.name, "warn_at": alarm.at.isoformat(),
             "due": report.due.isoformat(), "to": recipients,
             "held_until": hold.isoformat() if hold is not None and hold > now else None,
-        }))
+        })
         stats.warnings += 1
         stats.mails += len(rows)
         log.info("sla: ticket %s: %s warning (due %s) to %s", ticket.number, alarm.clock,
@@ -529,10 +531,10 @@ class SlaEngine:
             clocks.append({"clock": CLOCK_TITLES[alarm.clock], "name": alarm.clock,
                            "due": local_time(alarm.at, policy.calendar),
                            "target": str(report.target), "sla": policy.name})
-            session.add(Event(ticket=ticket, at=now, actor=ACTOR, kind="sla-breach", data={
+            add_event(session, ticket, at=now, actor=ACTOR, kind="sla-breach", data={
                 "clock": alarm.clock, "sla": policy.name, "due": alarm.at.isoformat(),
                 "group": group_name, "level": level,
-            }))
+            })
         stats.breaches += len(breaches)
         moved_to = None
         if group is not None and group.breach_move and group.escalate_to:
@@ -554,12 +556,12 @@ class SlaEngine:
         stats.mails += len(rows)
         if priority_to is not None:
             ticket.priority = priority_to
-        session.add(Event(ticket=ticket, at=now, actor=ACTOR, kind="escalated", data={
+        add_event(session, ticket, at=now, actor=ACTOR, kind="escalated", data={
             "level": level, "clocks": [c["name"] for c in clocks], "from_group": group_name,
             "to_group": moved_to, "from_priority": priority_from, "to_priority": priority_to,
             "leads": leads, "held_until": hold.isoformat() if hold is not None and hold > now
             else None,
-        }))
+        })
         stats.escalations += 1
         log.warning("sla: ticket %s breached %s in %s: level %d%s%s", ticket.number,
                     ", ".join(c["name"] for c in clocks), group_name, level,
@@ -593,10 +595,10 @@ class SlaEngine:
             subject_prefix="Reminder: ", now=now, to_customer=True, step=step,
             close_at=local_time(close.at, cal) if close is not None else None,
         )
-        session.add(Event(ticket=ticket, at=now, actor=ACTOR, kind="reminder", data={
+        add_event(session, ticket, at=now, actor=ACTOR, kind="reminder", data={
             "step": step, "to": ticket.customer, "waiting_since": alarm.cycle,
             "sent": bool(rows),
-        }))
+        })
         stats.reminders += 1
         stats.mails += len(rows)
         log.info("sla: ticket %s: reminder %d to the customer", ticket.number, step)
@@ -604,10 +606,10 @@ class SlaEngine:
     def _close_unsolved(self, session: Session, ticket: Ticket, alarm: Alarm,
                         now: dt.datetime, stats: FireStats) -> None:
         since = dt.datetime.fromisoformat(alarm.cycle)
-        session.add(Event(ticket=ticket, at=now, actor=ACTOR, kind="state", data={
-            "from": ticket.state, "to": "closed", "why": "no answer from the customer"}))
-        session.add(Event(ticket=ticket, at=now, actor=ACTOR, kind="closed-unsolved",
-                          data={"waiting_since": alarm.cycle}))
+        add_event(session, ticket, at=now, actor=ACTOR, kind="state", data={
+            "from": ticket.state, "to": "closed", "why": "no answer from the customer"})
+        add_event(session, ticket, at=now, actor=ACTOR, kind="closed-unsolved",
+                          data={"waiting_since": alarm.cycle})
         ticket.state = "closed"
         ticket.closed_at = now
         ticket.updated_at = now
@@ -631,8 +633,8 @@ class SlaEngine:
             subject_prefix="Pending reminder: ", now=now,
             until=local_time(alarm.at, found[1] if found else None),
         )
-        session.add(Event(ticket=ticket, at=now, actor=ACTOR, kind="pending-reminder",
-                          data={"until": alarm.at.isoformat(), "to": recipients}))
+        add_event(session, ticket, at=now, actor=ACTOR, kind="pending-reminder",
+                          data={"until": alarm.at.isoformat(), "to": recipients})
         stats.pending_reminders += 1
         stats.mails += len(rows)
         log.info("sla: ticket %s: pending reminder to %s", ticket.number, ", ".join(recipients))
@@ -660,8 +662,8 @@ class SlaEngine:
             sla=sched.policy.name if sched.policy is not None else "-",
             text=self._last_customer_text(session, ticket),
         )
-        session.add(Event(ticket=ticket, at=now, actor=ACTOR, kind="major-incident", data={
-            "why": why, "sla": ticket.sla_name, "notified": list(major.notify)}))
+        add_event(session, ticket, at=now, actor=ACTOR, kind="major-incident", data={
+            "why": why, "sla": ticket.sla_name, "notified": list(major.notify)})
         log.warning("sla: ticket %s declared a major incident (%s); %d mail(s)",
                     ticket.number, why, len(rows))
         return True
@@ -700,8 +702,8 @@ class SlaEngine:
                                 summary=summary, timeline=timeline)
         session.add(review)
         session.flush()
-        session.add(Event(ticket=ticket, at=now, actor=ACTOR, kind="incident-review",
-                          data={"review": review.id, "entries": len(timeline)}))
+        add_event(session, ticket, at=now, actor=ACTOR, kind="incident-review",
+                          data={"review": review.id, "entries": len(timeline)})
         log.info("sla: ticket %s: incident review #%d written (%d entries)", ticket.number,
                  review.id, len(timeline))
         return review

@@ -247,7 +247,8 @@ class OutboxRow(Base):
     message_id: Mapped[str | None] = mapped_column(String(998))
     raw: Mapped[bytes | None] = mapped_column(LargeBinary)
     # For non-email channels: what to send (text, attachments, chat id, ...).
-    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # None is SQL NULL, whether the row came from the ORM or from a deferred insert.
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     state: Mapped[str] = mapped_column(String(16))  # pending | sent | held | dead
     automatic: Mapped[bool] = mapped_column(default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -9,6 +9,12 @@ is (`Pending.flush`): a follow-up to a ticket opened a few milliseconds
 earlier still finds it. Rows are recorded as they join the session
 (`transient_to_pending`), so no `session.add` site has to remember to.
 
+Leaf rows -- Message-IDs, audit events, outbox rows, participants -- are not ORM
+objects in the fast path (`add_row`): they wait here and go out with the flush,
+one executemany per table, after the ORM has written the tickets they refer to.
+SQLite cannot say which id a multi-row INSERT gave which row, so the ORM sent each
+such row alone; they were most of a new ticket's flush.
+
 Per-message queries are also answered once per batch here: whether a Message-ID
 is recorded (`seen`: one query for the whole batch, plus the rows it added), the
 hourly count of automatic mail to an address (`auto_mail_count`) and the daily
@@ -31,15 +37,20 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, event, insert, update
+from sqlalchemy import Insert, Table, bindparam, event, insert, update
 from sqlalchemy.orm import Session
 
-from gateway.store.models import Blob, MessageId, OutboxRow, Participant, Ticket
+from gateway.store.models import Blob, Event, MessageId, OutboxRow, Participant, Ticket
 from gateway.store.models import Counter as CounterRow
 
 _KEY = "helpdeskd.pending"
 _counters = cast(Table, CounterRow.__table__)
-_INSERT_MESSAGE_ID = insert(cast(Table, MessageId.__table__))
+# The leaf tables: rows nothing in a batch reads back by identity, only by key.
+Leaf = type[MessageId] | type[Event] | type[OutboxRow] | type[Participant]
+_INSERTS: dict[Leaf, Insert] = {
+    model: insert(cast(Table, model.__table__))
+    for model in (MessageId, Event, OutboxRow, Participant)
+}
 _SET_COUNTER = (
     update(_counters).where(_counters.c.name == bindparam("counter"))
     .values(value=bindparam("new_value"))
@@ -57,7 +68,7 @@ class Pending:
         "batch_ids",
         "blobs",
         "counters",
-        "deferred_ids",
+        "deferred",
         "found_ids",
         "looked_up_ids",
         "message_ids",
@@ -79,23 +90,36 @@ class Pending:
         self.auto_unflushed: Counter[str] = Counter()
         self.auto_before: dict[str, int] = {}
         self.counters: dict[str, int] = {}  # ticket-number counters bumped in this batch
-        # MessageId rows not yet written, with the ticket whose id they need.
-        self.deferred_ids: list[tuple[Ticket | None, dict[str, Any]]] = []
+        # Leaf rows not yet written (`add_row`), in the order they were added, each
+        # with the ticket whose id it needs.
+        self.deferred: list[tuple[Leaf, Ticket | None, dict[str, Any]]] = []
 
     def _added(self, _session: Session, obj: Any) -> None:
         if isinstance(obj, MessageId):
-            self.message_ids.add(obj.message_id)
-            self.batch_ids.add(obj.message_id)
+            self._note(MessageId, {"message_id": obj.message_id})
         elif isinstance(obj, Participant):
-            self.addresses.add(obj.address)
+            self._note(Participant, {"address": obj.address})
         elif isinstance(obj, OutboxRow):
-            if obj.automatic:
-                self.auto_added[obj.to_address] += 1
-                self.auto_unflushed[obj.to_address] += 1
+            self._note(OutboxRow, {"automatic": obj.automatic, "to_address": obj.to_address})
         elif isinstance(obj, Ticket):
             self.numbers.add(obj.number)
         elif isinstance(obj, Blob):
             self.blobs.add(obj.sha256)
+
+    def _note(self, model: Leaf, values: dict[str, Any]) -> None:
+        """Record the lookup keys of a leaf row added, as an ORM object or deferred."""
+        if model is MessageId:
+            self.message_ids.add(values["message_id"])
+            self.batch_ids.add(values["message_id"])
+        elif model is Participant:
+            self.addresses.add(values["address"])
+        elif model is OutboxRow and values["automatic"]:
+            self.auto_added[values["to_address"]] += 1
+            self.auto_unflushed[values["to_address"]] += 1
+
+    def defer(self, model: Leaf, ticket: Ticket | None, values: dict[str, Any]) -> None:
+        self._note(model, values)
+        self.deferred.append((model, ticket, values))
 
     def clear(self) -> None:
         """Everything added so far is flushed (batch-long tallies stay)."""
@@ -147,14 +171,19 @@ class Pending:
         self.clear()
 
     def _write_deferred(self, session: Session) -> None:
-        if not self.deferred_ids:
+        if not self.deferred:
             return
-        rows = []
-        for ticket, values in self.deferred_ids:
+        # One executemany per table. Every table here refers only to tickets, which
+        # the ORM flush before this one has written; within a table the rows keep the
+        # order they were added in (audit events are listed by id).
+        tables: dict[Leaf, list[dict[str, Any]]] = {}
+        for model, ticket, values in self.deferred:
             values["ticket_id"] = ticket.id if ticket is not None else None
-            rows.append(values)
-        session.connection().execute(_INSERT_MESSAGE_ID, rows)
-        self.deferred_ids.clear()
+            tables.setdefault(model, []).append(values)
+        connection = session.connection()
+        for model, rows in tables.items():
+            connection.execute(_INSERTS[model], rows)
+        self.deferred.clear()
 
 
 def track(session: Session) -> Pending:
@@ -176,25 +205,48 @@ def finish(session: Session) -> None:
             {"counter": name, "new_value": value} for name, value in pending.counters.items()])
 
 
-def add_message_id(session: Session, message_id: str, ticket: Ticket | None,
-                   direction: str, now: dt.datetime) -> None:
-    """Record a Message-ID seen or sent (dedup, B9; threading, B8).
+def add_row(session: Session, model: Leaf, ticket: Ticket | None,
+            values: dict[str, Any]) -> None:
+    """Add a leaf row: a Message-ID seen or sent, an audit event, an outbox row, a participant.
 
-    In the fast path the row is not an ORM object: it is written with the batch's
-    next flush, all of them in one executemany (three per new ticket; as ORM objects
-    they were a fifth of the flush). Inside `autoflushing` it is an ORM object, so
-    that the path's own lookups see it as they would anywhere else; inside a
-    savepoint too, so that rolling the savepoint back takes it along.
+    In the fast path it is not an ORM object: it is written with the batch's next
+    flush, each table's rows in one executemany. As ORM objects these rows were most
+    of a new ticket's flush: SQLite cannot say which id a multi-row INSERT gave which
+    row, so SQLAlchemy sent each alone, with RETURNING. Elsewhere -- inside
+    `autoflushing`, inside a savepoint, outside the intake -- it is an ORM object, so
+    that the path's own lookups see it as they would anywhere else, and rolling the
+    savepoint back takes it along. Deferred rows of one table are written with one
+    statement, so `values` must always name the same columns for a table.
     """
     pending = pending_of(session)
     if pending is None or session.autoflush or session.in_nested_transaction():
-        session.add(MessageId(message_id=message_id, ticket=ticket, direction=direction,
-                              created_at=now))
+        session.add(model(ticket=ticket, **values))
         return
-    pending.message_ids.add(message_id)
-    pending.batch_ids.add(message_id)
-    pending.deferred_ids.append((ticket, {"message_id": message_id, "direction": direction,
-                                          "created_at": now}))
+    pending.defer(model, ticket, values)
+
+
+def add_message_id(session: Session, message_id: str, ticket: Ticket | None,
+                   direction: str, now: dt.datetime) -> None:
+    """Record a Message-ID seen or sent (dedup, B9; threading, B8)."""
+    add_row(session, MessageId, ticket,
+            {"message_id": message_id, "direction": direction, "created_at": now})
+
+
+def add_event(session: Session, ticket: Ticket, *, at: dt.datetime, actor: str, kind: str,
+              data: dict[str, Any] | None = None) -> None:
+    """Append to a ticket's audit trail."""
+    add_row(session, Event, ticket,
+            {"at": at, "actor": actor, "kind": kind, "data": data if data is not None else {}})
+
+
+def flush(session: Session) -> None:
+    """Flush the session, deferred rows included: before a savepoint, so that rolling
+    it back cannot undo what came before it."""
+    pending = pending_of(session)
+    if pending is None:
+        session.flush()
+    else:
+        pending.flush(session)
 
 
 def untrack(session: Session) -> None:

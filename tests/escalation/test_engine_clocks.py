@@ -150,3 +150,34 @@ def test_an_sla_failure_does_not_quarantine_the_mail(
     assert error.data == {"change": "created", "error": "RuntimeError: calendar exploded"}
     # The acknowledgement and the agents' notification still went out.
     assert {r.kind for r in outbox(sla_app)} == {"ack", "notify"}
+
+
+def test_a_major_incident_opened_in_a_batch_keeps_its_trail_in_order(
+    settings: Settings, clock: Any, tmp_path: Any
+) -> None:
+    """The intake's fast path writes audit events after the ORM's flush; a ticket
+    whose routing declares a major incident has the SLA engine flush and open a
+    savepoint mid-batch. Its trail still reads in the order things happened."""
+    from support.mailer import make_mail
+
+    from gateway.message import Channel, Inbound
+
+    (tmp_path / "rules" / "20-major.yaml").write_text(
+        "rules:\n  - name: outage\n    when: {subject: {contains: outage}}\n"
+        "    then: {tags: [major-incident]}\n")
+    clock.now = MONDAY_9
+    app = App(sla_settings(settings), clock=clock)
+    try:
+        inbounds = [Inbound(Channel.EMAIL, make_mail(subject), clock.now, "test",
+                            "dana@users.test", ("help@helpdesk.test",))
+                    for subject in ("Slow search", "Total outage of the portal", "A question")]
+        results = app.intake._process_batch(inbounds)
+        assert app.intake.redone == 0  # decided on the fast path itself
+        number = results[1].ticket
+        assert number is not None
+        kinds = [e.kind for e in events(app, number)]
+        assert kinds[:2] == ["created", "routed"]
+        assert "major-incident" in kinds[2:]
+        assert ticket_row(app, number).major_at == MONDAY_9
+    finally:
+        app.engine.dispose()
