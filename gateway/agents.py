@@ -79,7 +79,7 @@ class AgentReplies:
             store_article(session, ticket, inbound, mail, info, now,
                           kind="internal", role="system")
             add_event(session, ticket, at=now, actor=sender or "unknown",
-                              kind="token-refused", data={"why": why, "message_id": mid})
+                      kind="token-refused", data={"why": why, "message_id": mid})
             log.info("message %s: token mail for ticket %s kept as internal note: %s",
                      mid, ticket.number, why)
             return Disposition(Outcome.NOTE, ticket.number, mid, reason=why)
@@ -139,7 +139,7 @@ class AgentReplies:
         if mid:
             add_message_id(session, mid, None, "rejected", now)
         add_event(session, ticket, at=now, actor=agent, kind="reply-rejected",
-                          data={"problems": problems, "message_id": mid})
+                  data={"problems": problems, "message_id": mid})
         self.notifier.command_error(session, ticket, agent, problems,
                                     commands.valid_commands(), in_reply_to=mid, now=now)
         log.info("message %s: reply from %s to ticket %s rejected: %s",
@@ -179,7 +179,7 @@ class AgentReplies:
                         {"address": address, "name": "", "role": "cc"})
             data["address"] = address
         add_event(session, ticket, at=now, actor=agent, kind=f"command:{cmd.name}",
-                          data=data)
+                  data=data)
         if cmd.name in ("close", "open", "pending"):
             self.changed(session, ticket, "state", now)
         elif cmd.name in ("group", "priority", "major"):
@@ -207,7 +207,7 @@ class AgentReplies:
             # the customer has no answer, so the ticket is not answered either.
             problem = f"{ticket.customer!r} cannot be written to"
             add_event(session, ticket, at=now, actor=agent, kind="relay-undeliverable",
-                              data={"customer": ticket.customer, "message_id": mid})
+                      data={"customer": ticket.customer, "message_id": mid})
             self.notifier.relay_failed(session, ticket, agent, problem, in_reply_to=mid,
                                        now=now)
             log.warning("ticket %s: reply from %s stored but not sent: %s", ticket.number,
@@ -215,7 +215,7 @@ class AgentReplies:
             return
         if ticket.state == "new":
             add_event(session, ticket, at=now, actor="system", kind="state",
-                              data={"from": "new", "to": "open", "why": "first agent reply"})
+                      data={"from": "new", "to": "open", "why": "first agent reply"})
             ticket.state = "open"
             self.changed(session, ticket, "state", now)
         if ticket.first_response_at is None:

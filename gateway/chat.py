@@ -303,9 +303,9 @@ class _ChatPath:
             "address": ticket.customer, "name": ticket.customer_name, "role": "customer"})
         article = self._store(ticket, mail)
         add_event(self.session, ticket, at=self.now, actor=ticket.customer, kind="created",
-                               data={"message_id": mail.message_id, "channel": CHANNEL,
-                                     "inbound": ticket.inbound_address, "bot": self.bot.name,
-                                     "chat_id": u.chat_id, "automatic": [], "linked": None})
+                  data={"message_id": mail.message_id, "channel": CHANNEL,
+                        "inbound": ticket.inbound_address, "bot": self.bot.name,
+                        "chat_id": u.chat_id, "automatic": [], "linked": None})
         add_event(self.session, ticket, at=self.now, actor="routing", kind="routed",
                   data=routed_data(ticket, decision))
         self.p.changed(self.session, ticket, "created", self.now)
@@ -323,8 +323,8 @@ class _ChatPath:
             # B10: a customer follow-up reopens a pending ticket (closed ones are not
             # followed up in a chat: the next message opens a new ticket).
             add_event(self.session, ticket, at=self.now, actor=ticket.customer,
-                                   kind="state", data={"from": "pending", "to": "open",
-                                                       "why": "customer follow-up"})
+                      kind="state", data={"from": "pending", "to": "open",
+                                          "why": "customer follow-up"})
             ticket.state = "open"
             self.p.changed(self.session, ticket, "state", self.now)
         self.p.changed(self.session, ticket, "customer-message", self.now)
@@ -357,10 +357,10 @@ class _ChatPath:
         article.body = self._body(u.text)
         edit_date = u.update["edited_message"].get("edit_date")
         add_event(self.session, ticket, at=self.now, actor=ticket.customer,
-                               kind="article-edited",
-                               data={"article": article.id, "message_id": key,
-                                     "before": before, "after": article.body,
-                                     "edit_date": edit_date})
+                  kind="article-edited",
+                  data={"article": article.id, "message_id": key,
+                        "before": before, "after": article.body,
+                        "edit_date": edit_date})
         ticket.updated_at = self.now
         self.ticket = ticket
         log.info("%s: message %s on ticket %s edited", self.tag, key, ticket.number)
@@ -396,8 +396,8 @@ class _ChatPath:
             self._say(None, "bot", "telegram_closed.txt", automatic=False, ticket=None, hook="")
             return Disposition(Outcome.COMMAND, reason="/close")
         add_event(self.session, ticket, at=self.now, actor=ticket.customer, kind="state",
-                               data={"from": ticket.state, "to": "closed",
-                                     "why": "customer /close"})
+                  data={"from": ticket.state, "to": "closed",
+                        "why": "customer /close"})
         ticket.state = "closed"
         ticket.closed_at = self.now
         ticket.updated_at = self.now
@@ -500,7 +500,7 @@ def delivery_failed(notifier: Notifier, session: Session, item: Delivery, error:
         automatic=True, raw=None, created_at=now,
     ))
     add_event(session, ticket, at=now, actor="system", kind="delivery-failed",
-                      data={"outbox": item.id, "kind": item.kind, "channel": item.channel,
-                            "error": error, "blocked": blocked})
+              data={"outbox": item.id, "kind": item.kind, "channel": item.channel,
+                    "error": error, "blocked": blocked})
     log.warning("ticket %s: %s message (outbox %d) to the chat is dead: %s",
                 ticket.number, item.kind, item.id, error)

@@ -401,8 +401,8 @@ class Pipeline:
         if not info.is_automatic and not is_agent:
             if ticket.state in ("pending", "closed"):
                 add_event(session, ticket, at=now, actor=sender, kind="state",
-                                  data={"from": ticket.state, "to": "open",
-                                        "why": "customer follow-up"})
+                          data={"from": ticket.state, "to": "open",
+                                "why": "customer follow-up"})
                 ticket.state = "open"
                 ticket.closed_at = None
                 self.changed(session, ticket, "state", now)

@@ -272,7 +272,7 @@ class SlaEngine:
             log.exception("sla: ticket %s: deadlines not updated after %s", ticket.number,
                           change)
             add_event(session, ticket, at=now, actor=ACTOR, kind="sla-error",
-                              data={"change": change, "error": f"{type(exc).__name__}: {exc}"})
+                      data={"change": change, "error": f"{type(exc).__name__}: {exc}"})
 
     def _changed(self, session: Session, ticket: Ticket, change: str, now: dt.datetime) -> None:
         if change != "created":
@@ -609,7 +609,7 @@ class SlaEngine:
         add_event(session, ticket, at=now, actor=ACTOR, kind="state", data={
             "from": ticket.state, "to": "closed", "why": "no answer from the customer"})
         add_event(session, ticket, at=now, actor=ACTOR, kind="closed-unsolved",
-                          data={"waiting_since": alarm.cycle})
+                  data={"waiting_since": alarm.cycle})
         ticket.state = "closed"
         ticket.closed_at = now
         ticket.updated_at = now
@@ -634,7 +634,7 @@ class SlaEngine:
             until=local_time(alarm.at, found[1] if found else None),
         )
         add_event(session, ticket, at=now, actor=ACTOR, kind="pending-reminder",
-                          data={"until": alarm.at.isoformat(), "to": recipients})
+                  data={"until": alarm.at.isoformat(), "to": recipients})
         stats.pending_reminders += 1
         stats.mails += len(rows)
         log.info("sla: ticket %s: pending reminder to %s", ticket.number, ", ".join(recipients))
@@ -703,7 +703,7 @@ class SlaEngine:
         session.add(review)
         session.flush()
         add_event(session, ticket, at=now, actor=ACTOR, kind="incident-review",
-                          data={"review": review.id, "entries": len(timeline)})
+                  data={"review": review.id, "entries": len(timeline)})
         log.info("sla: ticket %s: incident review #%d written (%d entries)", ticket.number,
                  review.id, len(timeline))
         return review
