@@ -52,8 +52,8 @@ def _queued_connection_class() -> type[sqlite3.Connection]:
     Every transaction here begins with BEGIN IMMEDIATE, which takes SQLite's write
     lock. When a second thread of the daemon (the outbox worker, say) asked while the
     intake writer held it, SQLite's busy handler put that thread to sleep in steps of
-    1, 2, 5 ... 100 ms and it woke up long after the lock was free: at 100 messages/s
-    that showed up as 30-100 ms acknowledgements. Threads of one process now wait on
+    1, 2, 5 ... 100 ms and it woke up long after the lock was free: even at 10
+    messages/s an acknowledgement could take 670 ms. Threads of one process now wait on
     a lock that wakes the next waiter when the holder commits or rolls back.
     busy_timeout still handles another process (the CLI next to the daemon).
     One class per engine, so each database file has its own lock.
