@@ -617,7 +617,7 @@ def next_ticket_number(session: Session, now: dt.datetime) -> str:
             with session.begin_nested():
                 session.add(Counter(name=name, value=1))
             if pending is not None:
-                pending.counters[name] = 1
+                pending.stored_counter(name, 1)
             return f"{day}{1:05d}"
         except IntegrityError:
             continue  # another daemon created the row first; bump it instead

@@ -68,6 +68,7 @@ class Pending:
         "batch_ids",
         "blobs",
         "counters",
+        "counters_stored",
         "deferred",
         "found_ids",
         "looked_up_ids",
@@ -90,6 +91,7 @@ class Pending:
         self.auto_unflushed: Counter[str] = Counter()
         self.auto_before: dict[str, int] = {}
         self.counters: dict[str, int] = {}  # ticket-number counters bumped in this batch
+        self.counters_stored: dict[str, int] = {}  # their values in the database now
         # Leaf rows not yet written (`add_row`), in the order they were added, each
         # with the ticket whose id it needs.
         self.deferred: list[tuple[Leaf, Ticket | None, dict[str, Any]]] = []
@@ -154,11 +156,14 @@ class Pending:
             got = bump()
             if got is None:
                 return None
-            value = got
-        else:
-            value += 1
-        self.counters[name] = value
-        return value
+            self.stored_counter(name, got)
+            return got
+        self.counters[name] = value + 1
+        return value + 1
+
+    def stored_counter(self, name: str, value: int) -> None:
+        """The counter row holds `value` now (bumped, or just created)."""
+        self.counters[name] = self.counters_stored[name] = value
 
     def any_in(self, keys: Iterable[str], among: set[str]) -> bool:
         return bool(among) and any(k in among for k in keys)
@@ -200,9 +205,11 @@ def finish(session: Session) -> None:
     if pending is None:
         return
     pending.flush(session)
-    if pending.counters:
-        session.connection().execute(_SET_COUNTER, [
-            {"counter": name, "new_value": value} for name, value in pending.counters.items()])
+    # A batch that took one number left the row as its bump wrote it.
+    advanced = [{"counter": name, "new_value": value} for name, value in pending.counters.items()
+                if value != pending.counters_stored.get(name)]
+    if advanced:
+        session.connection().execute(_SET_COUNTER, advanced)
 
 
 def add_row(session: Session, model: Leaf, ticket: Ticket | None,
