@@ -33,15 +33,12 @@ PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
 # Built once, in Core (it runs for every automatic mail): building the statement and its
 # cache key each time cost several times what SQLite takes to count.
 _outbox = cast(Table, OutboxRow.__table__)
+_AUTOMATIC_SINCE = (_outbox.c.automatic.is_(True), _outbox.c.created_at > bindparam("since"))
+# One address (outside the intake's fast path), or a batch's senders at once.
 _AUTO_MAIL_COUNT = select(func.count(_outbox.c.id)).where(
-    _outbox.c.to_address == bindparam("address"),
-    _outbox.c.automatic.is_(True),
-    _outbox.c.created_at > bindparam("since"),
-)
+    _outbox.c.to_address == bindparam("address"), *_AUTOMATIC_SINCE)
 _AUTO_MAIL_COUNTS = select(_outbox.c.to_address, func.count(_outbox.c.id)).where(
-    _outbox.c.to_address.in_(bindparam("addresses", expanding=True)),
-    _outbox.c.automatic.is_(True),
-    _outbox.c.created_at > bindparam("since"),
+    _outbox.c.to_address.in_(bindparam("addresses", expanding=True)), *_AUTOMATIC_SINCE,
 ).group_by(_outbox.c.to_address)
 
 

@@ -101,7 +101,6 @@ class OutboxWorker:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
-        self.attempted = 0  # deliveries tried since start (drain() counts with it)
 
     def wake(self) -> None:
         """Thread-safe: there may be new rows to send."""
@@ -119,7 +118,7 @@ class OutboxWorker:
         while not self._stopping:
             self._wake.clear()
             try:
-                delay = await self._drain()
+                _, delay = await self._drain()
             except Exception:
                 log.exception("outbox: worker iteration failed; retrying in 5 s")
                 delay = 5.0
@@ -130,22 +129,23 @@ class OutboxWorker:
 
     async def drain(self) -> int:
         """Deliver every row that is due now; returns how many were attempted."""
-        before = self.attempted
-        await self._drain()
-        return self.attempted - before
+        attempted, _ = await self._drain()
+        return attempted
 
-    async def _drain(self) -> float:
-        """Deliver every row that is due now; returns seconds until the next one is due."""
+    async def _drain(self) -> tuple[int, float]:
+        """Deliver every row that is due now; returns how many were attempted and the
+        seconds until the next one is due."""
         # A round's results are recorded in the transaction that claims the next
         # round, and the claim that finds nothing also says when the next row is due:
         # each write transaction here makes the intake writer wait for SQLite's lock.
+        attempted = 0
         items, delay = await asyncio.to_thread(self._round, [])
         while items:
-            self.attempted += len(items)
+            attempted += len(items)
             results = await asyncio.gather(*(self._deliver(i) for i in items))
             items, delay = await asyncio.to_thread(
                 self._round, list(zip(items, results, strict=True)))
-        return delay
+        return attempted, delay
 
     async def _deliver(self, item: Delivery) -> DeliveryError | str | None:
         sender = self.senders.get(item.channel)
