@@ -139,4 +139,9 @@ def _check_one(cmd: Command, settings: Settings) -> str | None:
             return f"not an email address: {exc}"
         if "@" not in cmd.arg:
             return "not an email address: no @"
+        # Participants are the people outside the helpdesk (B5).
+        if settings.inbound_for(cmd.arg) is not None:
+            return "is one of the helpdesk's own addresses"
+        if settings.agent(cmd.arg) is not None:
+            return "is an agent: agents are told through their group, not copied"
     return None

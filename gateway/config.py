@@ -62,6 +62,16 @@ def _normalise_address(value: str) -> str:
     return value
 
 
+def _normalise_own_address(value: str) -> str:
+    """An address the daemon receives mail at: `+` is its sub-address delimiter
+    (`help+<ticket>.<token>@...` are the reply addresses), so it cannot be part of one."""
+    value = _normalise_address(value)
+    if "+" in value.split("@")[0]:
+        raise ValueError(f"{value!r}: '+' starts the sub-address of the daemon's own "
+                         "addresses, so it cannot be part of one")
+    return value
+
+
 class DaemonSettings(_Section):
     """[daemon]: identity, storage and secrets."""
 
@@ -129,7 +139,7 @@ class InboundAddress(_Section):
     @field_validator("address")
     @classmethod
     def _norm(cls, value: str) -> str:
-        return _normalise_address(value)
+        return _normalise_own_address(value)
 
 
 class AgentSettings(_Section):
@@ -223,7 +233,7 @@ class TelegramSettings(_Section):
     @field_validator("inbound_address")
     @classmethod
     def _norm(cls, value: str) -> str:
-        return _normalise_address(value)
+        return _normalise_own_address(value)
 
     @property
     def route(self) -> str:

@@ -206,6 +206,14 @@ async def test_cc_command_adds_participant(app: App, sink: SmtpSink) -> None:
     await sink.wait_for(before + 1)
     assert ticket(app, t["number"])["participants"] == [
         p for p in t["participants"]]
+    # Neither the helpdesk's own addresses nor agents become participants (B5).
+    for own in ("help@helpdesk.test", "Bob@agents.test"):
+        before = len(sink.messages)
+        raw = gmail_reply(note, "alice@agents.test", f"#cc {own}\n\nDone.")
+        assert "rejected" in await reply(app, note, raw, "alice@agents.test")
+        await sink.wait_for(before + 1)
+        assert f"#cc {own}: is " in parsed(sink.messages[-1].raw).get_content()
+    assert ticket(app, t["number"])["participants"] == t["participants"]
     raw = gmail_reply(note, "alice@agents.test", "#cc boss@users.test\n\nDone.")
     before = len(sink.messages)
     await reply(app, note, raw, "alice@agents.test")

@@ -36,6 +36,9 @@ def test_addresses_are_normalised_and_subaddresses_resolve() -> None:
     ({"groups": [{"name": "L1", "agents": ["nobody@h.test"]}]}, "not in [[agents]]"),
     ({"inbound": [{"address": "help@h.test", "default_group": "L9"}]}, "is no group"),
     ({"smtp": {"tls_cert": "/x.pem"}}, "tls_cert and tls_key must be set together"),
+    # '+' is where the reply addresses' ticket and token begin.
+    ({"inbound": [{"address": "help+it@h.test", "default_group": "L1"}]},
+     "inbound.0.address: Value error, 'help+it@h.test': '+' starts the sub-address"),
 ])
 def test_invalid_settings_are_refused(change: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as err:
