@@ -8,6 +8,7 @@ automatic. Everything else runs nothing and relays nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -18,7 +19,13 @@ from sqlalchemy.orm import Session
 
 from gateway import commands
 from gateway.config import Settings
-from gateway.followup import Hooks, parse_reply_address, ticket_by_number, verify_token
+from gateway.followup import (
+    Hooks,
+    parse_reply_address,
+    ticket_by_number,
+    token_remover,
+    verify_token,
+)
 from gateway.mail.auto import AutoInfo
 from gateway.mail.quotes import strip_reply
 from gateway.message import Inbound, ParsedMail
@@ -45,6 +52,7 @@ class AgentReplies:
         self.notifier = notifier
         self.hooks = hooks
         self.secret = settings.daemon.secret.get_secret_value().encode()
+        self.remove_tokens = token_remover(settings.own_domains)
 
     def handle(
         self,
@@ -115,6 +123,8 @@ class AgentReplies:
 
         article: Article | None = None
         if text:
+            if not internal:
+                text, mail = self._without_tokens(text, mail, sender, ticket)
             article = store_article(session, ticket, inbound, mail, info, now,
                                     kind="internal" if internal else "public",
                                     role="agent", body=text)
@@ -132,6 +142,28 @@ class AgentReplies:
         return Disposition(Outcome.AGENT_REPLY, ticket.number, mid)
 
     # -- steps ---------------------------------------------------------------------
+
+    def _without_tokens(
+        self, text: str, mail: ParsedMail, sender: str, ticket: Ticket
+    ) -> tuple[str, ParsedMail]:
+        """The reply as its customer and Cc's will see it, with every reply address of
+        ours back to its plain form (B14). A notification the agent forwarded or
+        attached carries the agent's tokened Reply-To; relayed, it would let anyone
+        who forges the agent's From act as the agent."""
+        def clean(value: str) -> str:
+            return self.remove_tokens(value.encode("utf-8", "surrogatepass")).decode(
+                "utf-8", "surrogatepass")
+
+        attachments = tuple(dataclasses.replace(a, data=self.remove_tokens(a.data))
+                            for a in mail.attachments)
+        cleaned = dataclasses.replace(
+            mail, attachments=attachments, html=None if mail.html is None else clean(mail.html))
+        clean_text = clean(text)
+        if cleaned != mail or clean_text != text:
+            security.warning("ticket %s: reply of %s carried a reply token; removed before "
+                             "relaying", ticket.number, sender)
+        return clean_text, cleaned
+
 
     def _reject(self, session: Session, ticket: Ticket, agent: str, mid: str | None,
                 now: dt.datetime, problems: list[str]) -> None:

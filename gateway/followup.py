@@ -15,7 +15,7 @@ import base64
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -72,6 +72,21 @@ def verify_token(secret: bytes, number: str, recipient: str, token: str) -> bool
 def reply_address(inbound: str, number: str, token: str) -> str:
     local, _, domain = inbound.rpartition("@")
     return f"{local}+{number}.{token}@{domain}"
+
+
+def token_remover(domains: Iterable[str]) -> Callable[[bytes], bytes]:
+    """A function that turns every reply address at `domains` in some bytes back into
+    its plain inbound address (`help+<n>.<token>@d` -> `help@d`).
+
+    An agent's reply can carry its own token to the customer: a forwarded or
+    attached notification has the tokened Reply-To in its headers. With the token
+    and a forged From, anyone could act as that agent (B14: no token anywhere). The
+    pattern starts at the literal `+`, so it runs in linear time on any input.
+    """
+    alternatives = b"|".join(re.escape(d.lower().encode()) for d in sorted(domains))
+    pattern = re.compile(rb"\+\d{6,20}\.[a-z2-7]{%d}@(%s)"
+                         % (TOKEN_LENGTH, alternatives), re.IGNORECASE)
+    return lambda data: pattern.sub(rb"@\1", data)
 
 
 def parse_reply_address(address: str) -> ReplyAddress | None:

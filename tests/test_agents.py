@@ -141,6 +141,30 @@ async def test_agent_reply_is_relayed_without_quotes(app: App, sink: SmtpSink, s
     assert article["kind"] == "public" and article["body"].strip() == answer
 
 
+async def test_a_forwarded_notification_does_not_carry_the_token_to_the_customer(
+    app: App, sink: SmtpSink
+) -> None:
+    """B14: the agent attaches the notification they got (its Reply-To has their
+    token) and pastes their reply address into the text; the relay has neither."""
+    t, note = await open_ticket(app, sink)
+    token_address = note["Reply-To"].addresses[0].addr_spec
+    reply_mail = parsed(gmail_reply(
+        note, "alice@agents.test", f"See below; I answer from {token_address.upper()}."))
+    reply_mail.add_attachment(note)  # as message/rfc822
+    before = len(sink.messages)
+    assert "agent-reply" in await reply(app, note, reply_mail.as_bytes(), "alice@agents.test")
+    await sink.wait_for(before + 1)
+    relay_raw = sink.messages[before].raw
+    assert tuple(sink.messages[before].rcpt_tos) == ("dana@users.test",)
+    token = token_address.split("+", 1)[1].split("@")[0].split(".")[1]
+    assert token.encode() not in relay_raw.lower()
+    relay = parsed(relay_raw)
+    assert "I answer from HELP@HELPDESK.TEST." in relay.get_body(("plain",)).get_content()
+    [forwarded] = [p for p in relay.iter_attachments()]
+    assert forwarded.get_content_type() == "message/rfc822"
+    assert forwarded.get_content()["Reply-To"].addresses[0].addr_spec == "help@helpdesk.test"
+
+
 async def test_commands_change_the_ticket(app: App, sink: SmtpSink) -> None:
     t, note = await open_ticket(app, sink)
     body = "#priority high\n#assign me\n#pending 2026-12-01\n\nWe are on it."
