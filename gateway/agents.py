@@ -100,7 +100,7 @@ class AgentReplies:
                      mid, sender, ticket.number)
             return Disposition(Outcome.NOTE, ticket.number, mid, reason="automatic")
 
-        if sender not in self.notifier.agents_of(ticket):
+        if sender not in self.notifier.agents_and_owner(ticket):
             self._reject(session, ticket, sender, mid, now,
                          [f"you are not an agent of {ticket.group!r} nor the owner of "
                           f"{self.hooks.format(ticket.number)}"])
@@ -116,6 +116,8 @@ class AgentReplies:
             return Disposition(Outcome.REJECTED, ticket.number, mid, reason="bad command")
 
         internal = any(c.name == "note" for c in block.commands)
+        # The HTML stands in for a blank text part (HTML-only mail); after a command
+        # block a blank text means "commands only", and the HTML still has the commands.
         text = strip_reply(block.text, None if block.commands else mail.html).strip()
         old_group = ticket.group
         for cmd in block.commands:

@@ -206,7 +206,9 @@ class Notifier:
         )
         return self.enqueue(session, ticket, "ack", out, now=now, automatic=True)
 
-    def agents_of(self, ticket: Ticket) -> list[str]:
+    def agents_and_owner(self, ticket: Ticket) -> list[str]:
+        """The agents of the ticket's group, and its owner if outside it: who may act
+        on the ticket (B11), who is told of it (B7)."""
         group = self.settings.group(ticket.group)
         agents = list(group.agents) if group else []
         if ticket.owner and ticket.owner not in agents:
@@ -244,7 +246,7 @@ class Notifier:
             **context,
         )
         refs = _refs(article)
-        for agent in agents if agents is not None else self.agents_of(ticket):
+        for agent in agents if agents is not None else self.agents_and_owner(ticket):
             settings = self.settings.agent(agent)
             token = make_token(self.secret, ticket.number, agent)
             out = Outbound(

@@ -311,7 +311,7 @@ class Pipeline:
     def _may_follow_up(self, session: Session, ticket: Ticket, sender: str) -> bool:
         if sender == ticket.customer:
             return True
-        if sender in self.notifier.agents_of(ticket):
+        if sender in self.notifier.agents_and_owner(ticket):
             return True
         found = session.scalar(
             select(Participant.id).where(
@@ -391,7 +391,7 @@ class Pipeline:
     ) -> Disposition:
         assert mail.sender is not None
         sender = mail.sender.address
-        is_agent = sender in self.notifier.agents_of(ticket)
+        is_agent = sender in self.notifier.agents_and_owner(ticket)
         role = "agent" if is_agent else "customer"
         if not is_agent:
             self._add_participants(session, ticket, mail, customer=False)

@@ -476,9 +476,9 @@ class SlaEngine:
         """Leads (for breaches) or owner/agents (for warnings), each falling back on the other."""
         group = self._group(ticket.group)
         leads = list(group.leads) if group is not None else []
-        workers = [ticket.owner] if ticket.owner else self.notifier.agents_of(ticket)
+        workers = [ticket.owner] if ticket.owner else self.notifier.agents_and_owner(ticket)
         if leads_first:
-            return leads or self.notifier.agents_of(ticket)
+            return leads or self.notifier.agents_and_owner(ticket)
         return workers or leads
 
     def _calendar_of(self, sched: Schedule, ticket: Ticket) -> Calendar | None:
@@ -575,7 +575,7 @@ class SlaEngine:
             deadlines = [{"clock": CLOCK_TITLES[c.clock], "due": local_time(c.due, new_cal)}
                          for c in after.clocks if c.due is not None]
             rows = self.notifier.sla_mail(
-                session, ticket, "sla_escalated.txt", self.notifier.agents_of(ticket),
+                session, ticket, "sla_escalated.txt", self.notifier.agents_and_owner(ticket),
                 kind="escalation", subject_prefix="Escalated: ", now=now,
                 not_before=self._hold(moved_to, now, new_cal), level=level,
                 from_group=group_name,
