@@ -97,18 +97,22 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_logging(level: str) -> None:
+    """The daemon's log lines: one format, and no secrets at any level."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request URL at INFO, and a Telegram Bot API URL contains the
+    # bot's token, as does python-telegram-bot's own DEBUG output; aioimaplib at DEBUG
+    # shows the LOGIN line; aiosmtpd logs every command at INFO, the reply-token
+    # addresses in agents' RCPT TO included.
+    for noisy in ("httpx", "httpcore", "aioimaplib", "telegram", "mail.log"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.daemon import serve
 
     settings = _load(args)
-    logging.basicConfig(
-        level=settings.daemon.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # httpx logs every request URL at INFO, and a Telegram Bot API URL contains the
-    # bot's token; aioimaplib at DEBUG shows the LOGIN line. Secrets never reach logs.
-    for noisy in ("httpx", "httpcore", "aioimaplib"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_logging(settings.daemon.log_level)
     asyncio.run(serve(settings))
     return 0
 

@@ -251,6 +251,24 @@ async def test_run_stops_cleanly_on_sigterm(tmp_path: Path, db_url: str) -> None
     assert settings_toml["smtp"]["port"] == port
 
 
+def test_daemon_logs_keep_secrets_out_at_debug_level() -> None:
+    """Libraries that log bot tokens (in Bot API URLs) or reply-token addresses (aiosmtpd's
+    RCPT lines) are held at WARNING even when the daemon logs at DEBUG."""
+    script = (
+        "import logging\n"
+        "from gateway.cli import configure_logging\n"
+        "configure_logging('DEBUG')\n"
+        "logging.getLogger('telegram.Bot').debug('Set Bot API URL: /bot123:TOKEN-A')\n"
+        "logging.getLogger('httpx').info('POST /bot123:TOKEN-B/getUpdates')\n"
+        "logging.getLogger('mail.log').info('recip: help+2026112700001.TOKEN-C@h.test')\n"
+        "logging.getLogger('gateway.intake').debug('our own debug line')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+    assert "our own debug line" in done.stderr
+    assert "TOKEN" not in done.stderr
+
+
 def test_settings_fixture_matches_config_file(settings: Settings, config: Path) -> None:
     from gateway.config import load_settings
 
