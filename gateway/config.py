@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -51,8 +52,43 @@ class ConfigError(Exception):
     """A configuration file is unreadable or invalid; the message says where and why."""
 
 
+class KeyProblem(ValueError):
+    """A problem with one key found by a check across keys or sections; `loc` is the
+    key's path (relative to the model raising it), so the error can name its line."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def _unique(array: str, key: str, values: list[Any], message: str = "") -> None:
+    """Refuse the first entry of `[[array]]` whose `key` repeats an earlier one's (None
+    values are not compared)."""
+    seen: set[Any] = set()
+    for index, value in enumerate(values):
+        if value is None:
+            continue
+        if value in seen:
+            raise KeyProblem((array, index, key),
+                             message or f"{value!r} is already used by an earlier entry")
+        seen.add(value)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_guessed_types(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic would read `enabled = "no"` as false and `max_attempts = true` as 1;
+        # a typo in a switch must not quietly turn a channel off. The strings "true"
+        # and "false" stay accepted: environment overrides can only be strings.
+        annotation = cls.model_fields[info.field_name or ""].annotation
+        if annotation is bool and not isinstance(value, bool) and value not in ("true", "false"):
+            raise ValueError(f"expected true or false, not {value!r}")
+        if annotation in (int, float) and isinstance(value, bool):
+            raise ValueError(f"expected a number, not {str(value).lower()}")
+        return value
 
 
 def _normalise_address(value: str) -> str:
@@ -127,6 +163,12 @@ class OutboundSettings(_Section):
     timeout_seconds: float = Field(default=30.0, gt=0)
     # Cap on mail the daemon writes by itself (acknowledgements, error mails) to one address.
     auto_mail_per_hour: int = Field(default=10, ge=0)
+
+    @model_validator(mode="after")
+    def _login(self) -> OutboundSettings:
+        if self.password.get_secret_value() and not self.username:
+            raise KeyProblem(("username",), "a smarthost password needs a username")
+        return self
 
 
 class InboundAddress(_Section):
@@ -354,28 +396,25 @@ class Settings(_Section):
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:
-        groups = [g.name for g in self.groups]
-        if len(set(groups)) != len(groups):
-            raise ValueError("group names must be unique")
+        _unique("groups", "name", [g.name for g in self.groups])
+        _unique("agents", "address", [a.address for a in self.agents])
         agents = {a.address for a in self.agents}
-        if len(agents) != len(self.agents):
-            raise ValueError("agent addresses must be unique")
-        for g in self.groups:
+        groups = {g.name for g in self.groups}
+        for gi, g in enumerate(self.groups):
             for a in g.agents:
                 if a not in agents:
-                    raise ValueError(f"group {g.name!r} lists {a!r}, which is not in [[agents]]")
+                    raise KeyProblem(("groups", gi, "agents"),
+                                     f"{a!r} is not in [[agents]]")
             if g.escalate_to is not None and g.escalate_to not in groups:
-                raise ValueError(f"group {g.name!r}: escalate_to {g.escalate_to!r} is no group")
-        inbound = [i.address for i in self.inbound]
-        if len(set(inbound)) != len(inbound):
-            raise ValueError("inbound addresses must be unique")
-        for i in self.inbound:
+                raise KeyProblem(("groups", gi, "escalate_to"), f"{g.escalate_to!r} is no group")
+        _unique("inbound", "address", [i.address for i in self.inbound])
+        for ii, i in enumerate(self.inbound):
             if i.default_group not in groups:
-                raise ValueError(
-                    f"inbound {i.address!r}: default_group {i.default_group!r} is no group"
-                )
+                raise KeyProblem(("inbound", ii, "default_group"),
+                                 f"{i.default_group!r} is no group")
             if i.address in agents:
-                raise ValueError(f"inbound {i.address!r} is also an agent address")
+                raise KeyProblem(("inbound", ii, "address"),
+                                 f"{i.address!r} is also an agent address")
         return self
 
     @model_validator(mode="after")
@@ -383,49 +422,51 @@ class Settings(_Section):
         problems = reference_problems(self.groups, self.calendars, self.sla, self.escalation,
                                       self.major_incidents)
         if problems:
-            # One line per problem: the loader prints each under the file name.
+            # One line per problem (each names its key path): printed under the file name.
             raise ValueError("\n  ".join(problems))
         return self
 
     @model_validator(mode="after")
     def _telegram_references(self) -> Settings:
-        names = [b.name for b in self.telegram]
-        if len(set(names)) != len(names):
-            raise ValueError("telegram bot names must be unique")
-        routes = [b.route for b in self.telegram if b.mode == "webhook"]
-        if len(set(routes)) != len(routes):
-            raise ValueError("telegram webhook paths must be unique")
-        for b in self.telegram:
+        _unique("telegram", "name", [b.name for b in self.telegram])
+        _unique("telegram", "webhook_path",
+                [b.route if b.mode == "webhook" else None for b in self.telegram])
+        for bi, b in enumerate(self.telegram):
             if self.inbound_for(b.inbound_address) is None:
-                raise ValueError(f"telegram {b.name!r}: inbound_address {b.inbound_address!r} "
-                                 "is not an [[inbound]] address")
+                raise KeyProblem(("telegram", bi, "inbound_address"),
+                                 f"{b.inbound_address!r} is not an [[inbound]] address")
             if b.default_group is not None and self.group(b.default_group) is None:
-                raise ValueError(f"telegram {b.name!r}: default_group {b.default_group!r} "
-                                 "is no group")
-            if b.token_file is not None and not self.path(b.token_file).is_file():
-                raise ValueError(f"telegram {b.name!r}: token_file {b.token_file} is not a file")
+                raise KeyProblem(("telegram", bi, "default_group"),
+                                 f"{b.default_group!r} is no group")
+            self._existing_file(("telegram", bi, "token_file"), b.token_file)
         return self
 
     @model_validator(mode="after")
     def _imap_references(self) -> Settings:
-        names = [m.name for m in self.imap]
-        if len(set(names)) != len(names):
-            raise ValueError("imap mailbox names must be unique")
+        _unique("imap", "name", [m.name for m in self.imap])
         # Two entries draining one folder would race each other for the same messages.
-        boxes = [(m.host.lower(), m.effective_port, m.user, m.folder) for m in self.imap]
-        if len(set(boxes)) != len(boxes):
-            raise ValueError("two [[imap]] entries name the same server, user and folder")
+        _unique("imap", "folder",
+                [(m.host.lower(), m.effective_port, m.user, m.folder) for m in self.imap],
+                "names the same server, user and folder as an earlier [[imap]] entry")
         inbound = {i.address for i in self.inbound}
-        for m in self.imap:
+        for mi, m in enumerate(self.imap):
             if m.address not in inbound:
-                raise ValueError(f"imap {m.name!r}: address {m.address!r} is not an "
-                                 "[[inbound]] address")
-            if m.password_file is not None and not self.path(m.password_file).is_file():
-                raise ValueError(f"imap {m.name!r}: password_file {m.password_file} "
-                                 "is not a file")
-            if m.ca_file is not None and not self.path(m.ca_file).is_file():
-                raise ValueError(f"imap {m.name!r}: ca_file {m.ca_file} is not a file")
+                raise KeyProblem(("imap", mi, "address"),
+                                 f"{m.address!r} is not an [[inbound]] address")
+            self._existing_file(("imap", mi, "password_file"), m.password_file)
+            self._existing_file(("imap", mi, "ca_file"), m.ca_file)
         return self
+
+    @model_validator(mode="after")
+    def _smtp_files(self) -> Settings:
+        # Checked here, not when the listener starts: `check` must catch what `run` would.
+        self._existing_file(("smtp", "tls_cert"), self.smtp.tls_cert)
+        self._existing_file(("smtp", "tls_key"), self.smtp.tls_key)
+        return self
+
+    def _existing_file(self, loc: tuple[str | int, ...], path: Path | None) -> None:
+        if path is not None and not self.path(path).is_file():
+            raise KeyProblem(loc, f"{self.path(path)} is not a readable file")
 
     # -- derived views -------------------------------------------------------------
 
@@ -493,7 +534,10 @@ class Settings(_Section):
         return mailbox.password.get_secret_value()
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[Any, ...], str]:
+    """Apply the `HELPDESKD_*` overrides to `data`; returns the key path each one set,
+    with its variable's name, so an error in such a value can name the variable."""
+    sources: dict[tuple[Any, ...], str] = {}
     for key, value in environ.items():
         if key in ENV_SHORTCUTS:
             path: tuple[str, ...] = ENV_SHORTCUTS[key]
@@ -502,31 +546,38 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         else:
             continue
         if len(path) == 3:
-            _apply_env_to_array(data, path, value)
+            for index in _apply_env_to_array(data, path, value):
+                sources[(path[0], index, path[2])] = key
             continue
         if len(path) != 2:
             continue
         section = data.setdefault(path[0], {})
         if isinstance(section, dict):
             section[path[1]] = value
+            sources[path] = key
+    return sources
 
 
-def _apply_env_to_array(data: dict[str, Any], path: tuple[str, ...], value: str) -> None:
+def _apply_env_to_array(data: dict[str, Any], path: tuple[str, ...], value: str) -> list[int]:
     """`HELPDESKD_<ARRAY>__<NAME>__<KEY>` sets `key` of the `[[array]]` entry named NAME.
 
     Entries are matched by `name` with `-` read as `_` (shells cannot set `-` in names),
-    e.g. HELPDESKD_TELEGRAM__HELP_BOT__TOKEN for the bot `help-bot`.
+    e.g. HELPDESKD_TELEGRAM__HELP_BOT__TOKEN for the bot `help-bot`. Returns the
+    indexes of the entries it set.
     """
     array, name, key = path
     entries = data.get(array)
     if not isinstance(entries, list):
-        return
+        return []
     copied = [dict(e) if isinstance(e, dict) else e for e in entries]
-    for entry in copied:
+    found = []
+    for index, entry in enumerate(copied):
         if isinstance(entry, dict) and str(entry.get("name", "")).lower().replace("-", "_") == name:
             entry[key] = value
+            found.append(index)
     # A copy: the caller's parsed TOML stays untouched.
     data[array] = copied
+    return found
 
 
 _TABLE = re.compile(r"^\s*\[(\[)?\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(?:#.*)?$")
@@ -562,14 +613,27 @@ def locate(text: str, loc: tuple[int | str, ...]) -> int | None:
     return best
 
 
-def _format_errors(source: str, exc: ValidationError, text: str | None = None) -> str:
+def _format_errors(source: str, exc: ValidationError, text: str | None = None,
+                   env: Mapping[tuple[Any, ...], str] | None = None) -> str:
+    """One line per error: `file:line: key.path: message`, or the environment variable
+    that set the key; the line is left out when it cannot be found."""
     lines = [f"{source}: invalid configuration:"]
     for err in exc.errors():
         loc = tuple(err["loc"])
-        where = ".".join(str(part) for part in loc) or "(top level)"
         msg = err["msg"]
-        if err["type"] == "extra_forbidden":
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, KeyProblem):
+            loc, msg = loc + cause.loc, str(cause)
+        elif isinstance(cause, ValueError):
+            msg = str(cause)  # without pydantic's "Value error, "
+        elif err["type"] == "extra_forbidden":
             msg = "unknown key"
+        where = ".".join(str(part) for part in loc) or "(top level)"
+        variable = next((name for path, name in (env or {}).items()
+                         if loc[: len(path)] == path), None)
+        if variable is not None:
+            lines.append(f"{variable} (environment): {where}: {msg}")
+            continue
         line = locate(text, loc) if text is not None and loc else None
         prefix = f"{source}:{line}: " if line is not None else "  "
         lines.append(f"{prefix}{where}: {msg}")
@@ -588,12 +652,12 @@ def parse_settings(
     merged: dict[str, Any] = {
         k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()
     }
-    _apply_env(merged, os.environ if environ is None else environ)
+    env = _apply_env(merged, os.environ if environ is None else environ)
     merged["base_dir"] = base_dir
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(source, exc, text)) from None
+        raise ConfigError(_format_errors(source, exc, text, env)) from None
 
 
 def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
@@ -603,6 +667,10 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
         data = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_settings(

@@ -38,7 +38,15 @@ def test_addresses_are_normalised_and_subaddresses_resolve() -> None:
     ({"smtp": {"tls_cert": "/x.pem"}}, "tls_cert and tls_key must be set together"),
     # '+' is where the reply addresses' ticket and token begin.
     ({"inbound": [{"address": "help+it@h.test", "default_group": "L1"}]},
-     "inbound.0.address: Value error, 'help+it@h.test': '+' starts the sub-address"),
+     "inbound.0.address: 'help+it@h.test': '+' starts the sub-address"),
+    # No guessing: a misspelt switch must not turn a channel off.
+    ({"smtp": {"enabled": "no"}}, "smtp.enabled: expected true or false, not 'no'"),
+    ({"outbound": {"max_attempts": True}}, "outbound.max_attempts: expected a number"),
+    # What `run` would trip over, `check` reports first.
+    ({"outbound": {"smarthost": "mx.h.test", "password": "p"}},
+     "outbound.username: a smarthost password needs a username"),
+    ({"smtp": {"tls_cert": "/nonexistent/c.pem", "tls_key": "/nonexistent/k.pem"}},
+     "smtp.tls_cert: /nonexistent/c.pem is not a readable file"),
 ])
 def test_invalid_settings_are_refused(change: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -48,6 +56,7 @@ def test_invalid_settings_are_refused(change: dict[str, object], message: str) -
 
 def test_environment_overrides_secrets() -> None:
     env = {"HELPDESKD_SECRET": "from-the-environment-123",
+           "HELPDESKD_OUTBOUND__USERNAME": "helpdesk",
            "HELPDESKD_OUTBOUND__PASSWORD": "smtp-pass-456",
            "HELPDESKD_DATABASE_URL": "postgresql://u@db/helpdesk"}
     s = parse_settings(BASE, environ=env)
@@ -56,6 +65,38 @@ def test_environment_overrides_secrets() -> None:
     assert s.database_url == "postgresql://u@db/helpdesk"
     # Secrets never show in a repr (and so in a log line).
     assert "from-the-environment" not in repr(s) and "smtp-pass" not in repr(s)
+    # Environment values are strings: "false" and numbers are still read as such.
+    s = parse_settings(BASE, environ={"HELPDESKD_SMTP__ENABLED": "false",
+                                      "HELPDESKD_SMTP__PORT": "2600"})
+    assert (s.smtp.enabled, s.smtp.port) == (False, 2600)
+
+
+def test_cross_references_name_the_line_of_their_key(tmp_path: Path) -> None:
+    path = tmp_path / "helpdeskd.toml"
+    path.write_text('[[agents]]\naddress = "a@h.test"\n\n[[groups]]\nname = "L1"\n'
+                    'agents = ["a@h.test"]\n\n[[inbound]]\naddress = "help@h.test"\n'
+                    'default_group = "L2"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={})
+    assert f"{path}:10: inbound.0.default_group: 'L2' is no group" in str(err.value)
+
+
+def test_a_bad_environment_value_names_the_variable_not_a_line(tmp_path: Path) -> None:
+    path = tmp_path / "helpdeskd.toml"
+    path.write_text('[daemon]\nsecret = "long-enough-for-the-check-123"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={"HELPDESKD_SECRET": "short"})
+    assert "HELPDESKD_SECRET (environment): daemon.secret: must be at least 16" in str(err.value)
+    assert f"{path}:2" not in str(err.value)
+
+
+def test_unreadable_configuration_is_a_readable_error(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[daemon]\nname = "Caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"latin1\.toml: not UTF-8 text"):
+        load_settings(latin1, environ={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path, environ={})  # a directory
 
 
 def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
