@@ -45,6 +45,10 @@ def _load(args: argparse.Namespace) -> Settings:
         # Embedded defaults: the shipped demo config, relative to the current directory.
         settings = load_settings(DEFAULTS / "helpdeskd.toml")
         settings = settings.model_copy(update={"base_dir": Path.cwd()})
+        if not (Path.cwd() / settings.daemon.rules_dir).is_dir():
+            # ...with the example rules shipped beside it when there are none here.
+            daemon = settings.daemon.model_copy(update={"rules_dir": DEFAULTS / "rules"})
+            settings = settings.model_copy(update={"daemon": daemon})
     else:
         settings = load_settings(path)
     return with_real_secret(settings)

@@ -69,7 +69,8 @@ class RuleError(Exception):
 
 
 def rule_files(directory: Path) -> tuple[Path, ...]:
-    """The rule files in `directory`, in evaluation (file-name) order; none if it is missing."""
+    """The rule files in `directory`, in evaluation (file-name) order; RuleError when the
+    directory is missing or a `*.yaml` entry is not a readable file."""
     return _scan(directory)[0]
 
 
@@ -78,7 +79,9 @@ def _scan(directory: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
     try:
         entries = list(directory.iterdir())
     except FileNotFoundError:
-        return (), ()
+        # A typo in rules_dir, or a directory moved away under a running daemon, must
+        # not quietly mean "no rules" (and so no spam drops).
+        raise RuleError(directory, None, None, "no such directory (daemon.rules_dir)") from None
     except NotADirectoryError:
         raise RuleError(directory, None, None, "not a directory") from None
     except OSError as exc:
@@ -89,7 +92,9 @@ def _scan(directory: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
         # Hidden names are editor droppings (".#10-x.yaml" locks, swap files).
         if path.name.startswith("."):
             continue
-        if path.suffix == RULE_SUFFIX and path.is_file():
+        if path.suffix == RULE_SUFFIX:
+            if not path.is_file():  # a dangling symlink, a directory
+                raise RuleError(path, None, None, "not a readable file")
             files.append(path)
         elif path.suffix.lower() in (".yaml", ".yml"):
             ignored.append(path)
@@ -97,8 +102,9 @@ def _scan(directory: Path) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
 
 
 def load_rules(directory: Path, group_names: frozenset[str]) -> RuleSet:
-    """Load every rule file in `directory` into one RuleSet; a missing or empty directory
-    gives an empty one. Raises RuleError on the first file with problems."""
+    """Load every rule file in `directory` into one RuleSet; an empty directory gives an
+    empty one. Raises RuleError for a missing directory and on the first file with
+    problems."""
     files, ignored = _scan(directory)
     for path in ignored:
         log.warning("ignoring %s: rule files must be named *%s", path, RULE_SUFFIX)

@@ -488,9 +488,15 @@ def test_empty_list_is_a_valid_file(ruleset: LoadText) -> None:
     assert rules.rules == () and [p.name for p in rules.files] == ["10-test.yaml"]
 
 
-def test_missing_or_empty_directory_gives_empty_set(rules_dir: Path) -> None:
+def test_empty_directory_gives_empty_set(rules_dir: Path) -> None:
     assert load_rules(rules_dir, GROUPS) == RuleSet((), ())
-    assert load_rules(Path("no-such-dir"), GROUPS) == RuleSet.empty()
+
+
+def test_missing_directory_is_an_error(rules_dir: Path) -> None:
+    # A typo in rules_dir must not quietly mean "no rules" (and so no spam drops).
+    with pytest.raises(RuleError) as info:
+        load_rules(Path("no-such-dir"), GROUPS)
+    assert str(info.value) == "no-such-dir: no such directory (daemon.rules_dir)"
 
 
 def test_rules_dir_that_is_a_file(rules_dir: Path) -> None:
@@ -507,12 +513,25 @@ def test_which_files_are_rule_files(
     write_rules(".#10-a.yaml", "broken: [")
     write_rules("20-b.yml", "broken: [")
     write_rules("README.md", "# notes")
-    (rules_dir / "30-dir.yaml").mkdir()
     assert [p.name for p in rule_files(rules_dir)] == ["10-a.yaml"]
     with caplog.at_level(logging.WARNING, logger="gateway.routing.loader"):
         rules = load_rules(rules_dir, GROUPS)
     assert [p.name for p in rules.files] == ["10-a.yaml"]
     assert "ignoring rules/20-b.yml: rule files must be named *.yaml" in caplog.messages
+
+
+@pytest.mark.parametrize("kind", ["dangling symlink", "directory"])
+def test_a_rule_file_that_cannot_be_read_is_an_error(
+    rules_dir: Path, write_rules: WriteRules, kind: str
+) -> None:
+    write_rules("10-a.yaml", "rules: []\n")
+    if kind == "directory":
+        (rules_dir / "20-b.yaml").mkdir()
+    else:
+        (rules_dir / "20-b.yaml").symlink_to(rules_dir / "gone.yaml")
+    with pytest.raises(RuleError) as info:
+        load_rules(rules_dir, GROUPS)
+    assert str(info.value) == "rules/20-b.yaml: not a readable file"
 
 
 def test_unreadable_text(rules_dir: Path) -> None:

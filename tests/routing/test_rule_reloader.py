@@ -49,10 +49,9 @@ def test_start_up_fails_loudly(rules_dir: Path, write_rules: WriteRules) -> None
         RuleReloader(rules_dir, GROUPS)
 
 
-def test_missing_directory_starts_empty(rules_dir: Path) -> None:
-    reloader = RuleReloader(rules_dir / "none", GROUPS)
-    assert reloader.current.rules == ()
-    assert not reloader.changed()
+def test_missing_directory_fails_start_up(rules_dir: Path) -> None:
+    with pytest.raises(RuleError, match=r"^rules/none: no such directory"):
+        RuleReloader(rules_dir / "none", GROUPS)
 
 
 def test_broken_edit_keeps_last_good_rules(
@@ -127,12 +126,19 @@ def test_changed_sees_added_modified_and_removed_files(
     assert not reloader.changed()
 
 
-def test_directory_removed_and_restored(reloader: RuleReloader, rules_dir: Path) -> None:
+def test_directory_removed_keeps_last_good_rules_until_restored(
+    reloader: RuleReloader, rules_dir: Path, write_rules: WriteRules
+) -> None:
     (rules_dir / "10-a.yaml").unlink()
     rules_dir.rmdir()
     assert reloader.changed()
+    assert isinstance(reloader.reload(), RuleError)
+    assert [r.name for r in reloader.current.rules] == ["a"]
+    rules_dir.mkdir()
+    write_rules("10-b.yaml", rule("b", "Orders"))
+    assert reloader.changed()
     assert reloader.reload() is None
-    assert reloader.current.rules == ()
+    assert [r.name for r in reloader.current.rules] == ["b"]
 
 
 async def test_watch_reloads_changed_rules(
