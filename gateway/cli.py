@@ -149,10 +149,15 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
     except ParseError as exc:
         print(f"{args.file}: cannot be parsed: {exc.reason}: {exc.detail}", file=sys.stderr)
         return 1
-    recipients = [a.address for a in (*mail.to, *mail.cc)]
-    inbound = next((i.address for i in settings.inbound
-                    if any(settings.inbound_for(r) is i for r in recipients)),
-                   settings.inbound[0].address if settings.inbound else None)
+    # B2: the envelope recipients decide, as in the daemon. A saved .eml has no envelope:
+    # --rcpt gives it, else the delivery headers an MTA adds, else (a guess) To and Cc.
+    candidates: list[tuple[str, list[str]]] = [
+        ("--rcpt", args.rcpt or []),
+        ("Delivered-To", mail.header_all("Delivered-To") + mail.header_all("X-Original-To")),
+        ("To/Cc, a guess: give --rcpt", [a.address for a in (*mail.to, *mail.cc)]),
+    ]
+    source, recipients = next((c for c in candidates if c[1]), candidates[-1])
+    inbound = settings.inbound_of(r.strip().strip("<>") for r in recipients)
     facts = RoutingFacts(
         subject=mail.subject, sender=mail.sender.address if mail.sender else "",
         to=tuple(a.address for a in mail.to), cc=tuple(a.address for a in mail.cc),
@@ -167,7 +172,8 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
         why = f"default group of {inbound}"
     if args.json:
         _print_json({
-            "subject": mail.subject, "inbound": inbound, "group": group,
+            "subject": mail.subject, "inbound": inbound, "inbound_source": source,
+            "group": group,
             "group_source": why, "drop": decision.drop, "drop_rule": decision.drop_rule,
             "priority": decision.priority or "normal", "type": decision.type,
             "tags": list(decision.tags),
@@ -176,7 +182,7 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
         })
         return 0
     print(f"subject:  {mail.subject}")
-    print(f"inbound:  {inbound}")
+    print(f"inbound:  {inbound} (from {source})")
     for e in decision.trail:
         print(f"  {'HIT ' if e.matched else 'miss'} {e.rule} ({e.source}): {e.detail}")
     if decision.drop:
@@ -557,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = rules.add_parser("explain", parents=[common, as_json],
                          help="which rule matches FILE.eml and why")
     s.add_argument("file")
+    s.add_argument("--rcpt", action="append", metavar="ADDRESS",
+                   help="envelope recipient (repeatable): decides the inbound address, "
+                        "as in the daemon")
     s.set_defaults(func=cmd_rules_explain)
 
     tickets = sub.add_parser("tickets", help="tickets").add_subparsers(dest="tickets_cmd",
@@ -617,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
@@ -625,6 +636,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except RuleError as exc:
         print(f"rules: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `helpdeskd tickets list --json | head`: the reader has what it wanted.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:  # a file named on the command line, a port in use
+        print(f"helpdeskd: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        # One line: the driver's own message names host and port, never the password.
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"helpdeskd: database error: {reason}", file=sys.stderr)
         return 1
     return code
 

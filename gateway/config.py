@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -510,6 +510,15 @@ class Settings(_Section):
             local, _, domain = address.rpartition("@")
             found = self.inbound_index.get(f"{local.split('+', 1)[0]}@{domain}")
         return found
+
+    def inbound_of(self, recipients: Iterable[str]) -> str | None:
+        """B2: the inbound address a mail to `recipients` was delivered to; among several,
+        the first configured one wins; none of ours: the first configured address."""
+        wanted = {r.lower() for r in recipients}
+        for configured in self.inbound:
+            if any(self.inbound_for(r) is configured for r in wanted):
+                return configured.address
+        return self.inbound[0].address if self.inbound else None
 
     @property
     def own_domains(self) -> frozenset[str]:

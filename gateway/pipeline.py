@@ -320,15 +320,10 @@ class Pipeline:
         )
         return found is not None
 
-    def _inbound_address(self, inbound: Inbound, mail: ParsedMail) -> str:
-        """B2: the envelope decides; among several, the first configured address wins."""
-        recipients = {r.lower() for r in inbound.rcpt_tos}
-        if not recipients:
-            recipients = {a.address for a in (*mail.to, *mail.cc)}
-        for configured in self.settings.inbound:
-            if any(self.settings.inbound_for(r) is configured for r in recipients):
-                return configured.address
-        return self.settings.inbound[0].address
+    def _inbound_address(self, inbound: Inbound, mail: ParsedMail) -> str | None:
+        """B2: the envelope decides (the headers only where there is none)."""
+        return self.settings.inbound_of(
+            inbound.rcpt_tos or [a.address for a in (*mail.to, *mail.cc)])
 
     def _facts(self, inbound: Inbound, mail: ParsedMail) -> RoutingFacts:
         return RoutingFacts(
@@ -339,7 +334,7 @@ class Pipeline:
             body=mail.text,
             headers=mail.headers,
             channel=inbound.channel.value,
-            inbound=self._inbound_address(inbound, mail) if self.settings.inbound else None,
+            inbound=self._inbound_address(inbound, mail),
         )
 
     def _create(
@@ -354,6 +349,7 @@ class Pipeline:
     ) -> Disposition:
         assert mail.sender is not None
         address = self._inbound_address(inbound, mail)
+        assert address is not None  # every channel delivers to an [[inbound]] address
         group = decision.group
         if group is None:
             configured = self.settings.inbound_for(address)

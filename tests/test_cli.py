@@ -127,6 +127,37 @@ def test_rules_explain(config: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert [(t["rule"], t["matched"]) for t in data["trail"]] == [("catalogue", True)]
 
 
+def test_rules_explain_takes_the_inbound_address_from_the_envelope(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """B2 as in the daemon: the envelope decides, not the To header."""
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(make_mail("Question", to="help@helpdesk.test"))
+    explain = ("rules", "explain", "--json", "--config", str(config), str(eml))
+    data = json.loads(run_cli(capsys, *explain, "--rcpt", "catalogue@helpdesk.test")[1])
+    assert (data["inbound"], data["inbound_source"]) == ("catalogue@helpdesk.test", "--rcpt")
+    assert data["group"] == "Catalogue Support"
+    eml.write_bytes(b"Delivered-To: catalogue@helpdesk.test\r\n" + eml.read_bytes())
+    data = json.loads(run_cli(capsys, *explain)[1])
+    assert (data["inbound"], data["group"]) == ("catalogue@helpdesk.test", "Catalogue Support")
+    ingest(config, eml.read_bytes(), rcpt="catalogue@helpdesk.test")
+    code, out, _ = run_cli(capsys, "tickets", "list", "--json", "--config", str(config))
+    assert [t["group"] for t in json.loads(out)] == ["Catalogue Support"]
+
+
+def test_operational_errors_are_one_line_not_a_traceback(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = run_cli(capsys, "rules", "explain", "--config", str(config), "nope.eml")
+    assert (code, out) == (1, "")
+    assert err == "helpdeskd: [Errno 2] No such file or directory: 'nope.eml'\n"
+    # Nothing listens on port 1; the password never reaches the message.
+    monkeypatch.setenv("HELPDESKD_DATABASE_URL", "postgresql://u:sekrit@127.0.0.1:1/x")
+    code, out, err = run_cli(capsys, "tickets", "list", "--config", str(config))
+    assert code == 1 and err.startswith("helpdeskd: database error: ")
+    assert err.count("\n") == 1 and "sekrit" not in err
+
+
 def test_tickets_list_and_show_json(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first = ingest(config, make_mail("First", message_id="<one@users.test>"))
     ingest(config, make_mail("Catalogue thing"))
