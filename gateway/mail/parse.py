@@ -159,7 +159,9 @@ _FOLD = re.compile(r"\r\n|\r|\n")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _ANGLE_ID = re.compile(r"<([^<>]*)>")
 _COMMENT = re.compile(r"\([^()]*\)")
-_TIME_COLON = re.compile(r"\s*:\s*")
+# Only from the first blank before a colon: `\s*:` tried at every blank of a long
+# run would be quadratic.
+_TIME_COLON = re.compile(r"(?<!\s)\s*:\s*")
 # For str patterns \s matches exactly the characters str.isspace() accepts.
 _SPACE_OR_COMMENT = re.compile(r"[\s(]")
 _BAD_DOMAIN_CHAR = re.compile(r"[\s<>,;@]")
@@ -172,7 +174,9 @@ _MASK = re.compile(r"=EW(\d+)=")
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 _PARAM = re.compile(r';\s*([!#-\'*+.0-9A-Z^-z|~-]+)\s*=\s*("(?:[^"\\]|\\.)*"?|[^;]*)')
 # RFC 2046 5.1.1: a delimiter line is "--" and the boundary (1-70 characters).
-_BOUNDARY_LINE = re.compile(r'^--([^\s"\\]{1,70})[ \t]*\r?$', re.M)
+# A delimiter line: boundaries are printable ASCII (RFC 2046 5.1.1), the rest of a
+# body may be any bytes.
+_BOUNDARY_LINE = re.compile(rb'^--([!#-\[\]-~]{1,70})[ \t]*\r?$', re.M)
 _TOKEN = re.compile(r"\s*([^\s;(]*)")
 
 # Charset labels mail uses for what is really a superset, mapped to the
@@ -204,7 +208,8 @@ _CHARSET_ALIASES = {
 _NO_CHARSET = frozenset({"", "none", "unknown", "unknown-8bit", "x-unknown", "default"})
 # Python registers codecs that are not charsets; mail must not select them.
 _NOT_CHARSETS = frozenset(
-    {"undefined", "unicode_escape", "raw_unicode_escape", "idna", "punycode", "mbcs", "oem"}
+    # As codecs.lookup() names them.
+    {"undefined", "unicode-escape", "raw-unicode-escape", "idna", "punycode", "mbcs", "oem"}
 )
 
 # The plain address-list shapes `_simple_addresses` handles (RFC 5322 3.4:
@@ -419,7 +424,7 @@ def _decode_words(value: str) -> str:
     if "=?" not in value:
         return value
     # (charset, bytes) for a run of encoded-words, str for the text between them.
-    pieces: list[tuple[str, bytes] | str] = []
+    pieces: list[tuple[str, bytearray] | str] = []
     pos = 0
     for match in _ENCODED_WORD.finditer(value):
         between = value[pos : match.start()]
@@ -431,22 +436,24 @@ def _decode_words(value: str) -> str:
         data = _word_bytes(match.group(2), match.group(3))
         last = pieces[-1] if pieces else None
         if isinstance(last, tuple) and last[0] == charset:
-            # Joining before decoding keeps characters split across words.
-            pieces[-1] = (charset, last[1] + data)
+            # Joining before decoding keeps characters split across words (in place:
+            # a run of thousands of words must not be copied once per word).
+            last[1].extend(data)
         else:
-            pieces.append((charset, data))
+            pieces.append((charset, bytearray(data)))
     if pos < len(value):
         pieces.append(value[pos:])
     return "".join(
         piece
         if isinstance(piece, str)
-        else _bytes_to_text(piece[1], piece[0], prefer_utf8=False)[0]
+        else _bytes_to_text(bytes(piece[1]), piece[0], prefer_utf8=False)[0]
         for piece in pieces
     )
 
 
 def _word_bytes(encoding: str, text: str) -> bytes:
-    raw = text.encode("ascii", "surrogateescape")
+    # Broken mailers put raw 8-bit text inside a word; by now it is decoded text.
+    raw = text.encode("utf-8", "surrogateescape")
     if encoding in "qQ":
         # RFC 2047 4.2: "_" is a space, =XX a byte.
         return binascii.a2b_qp(raw, header=True)
@@ -769,8 +776,10 @@ class _Walker:
             return
         if ctype.startswith("multipart/"):
             # The parser found no boundary, so the payload is the raw MIME text.
-            payload = part.get_payload()
-            recovered = _recover_multipart(payload, ctype) if isinstance(payload, str) else None
+            # As bytes: get_payload() without decode turns 8-bit text into U+FFFD.
+            payload = part.get_payload(decode=True)
+            recovered = (_recover_multipart(payload, ctype)
+                         if isinstance(payload, bytes) else None)
             if recovered is not None:
                 self.defects.append(f"{ctype}: wrong or missing boundary; recovered from the body")
                 self.walk(recovered, depth + 1, related=related)
@@ -801,7 +810,8 @@ class _Walker:
         epilogue = part.epilogue
         if not epilogue or epilogue.isspace():
             return
-        recovered = _recover_multipart(epilogue, "multipart/mixed")
+        recovered = _recover_multipart(epilogue.encode("ascii", "surrogateescape"),
+                                       "multipart/mixed")
         if recovered is not None:
             self.defects.append(f"{ctype}: MIME parts after the closing boundary; kept")
             for child in recovered.get_payload():
@@ -951,15 +961,15 @@ def _related_root(part: Message, children: list[Message]) -> Message:
     return children[0]
 
 
-def _recover_multipart(payload: str, ctype: str) -> Message | None:
+def _recover_multipart(payload: bytes, ctype: str) -> Message | None:
     """Parse `payload` as a `ctype` multipart, with the first delimiter line it contains."""
     match = _BOUNDARY_LINE.search(payload)
     if match is None:
         return None
-    boundary = match.group(1)
+    boundary = match.group(1).decode("ascii")
     head = f'Content-Type: {ctype}; boundary="{boundary}"\r\n\r\n'.encode()
     try:
-        tree = _PARSER.parsebytes(head + payload.encode("ascii", "surrogateescape"))
+        tree = _PARSER.parsebytes(head + payload)
     except Exception:
         return None
     return tree if tree.is_multipart() else None

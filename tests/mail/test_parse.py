@@ -152,6 +152,8 @@ def test_obsolete_whitespace_before_colon() -> None:
         ("=?utf-8?q?line=0Abreak=0D=00nul?=", "line break nul"),
         ("=?utf-8?q?bad=FF?=", "bad\ufffd"),
         ("=?broken", "=?broken"),
+        # Raw 8-bit text inside an encoded word (broken mailers).
+        ("=?utf-8?Q?Café_crème?=", "Café crème"),
     ],
 )
 def test_subject_decoding(header: str, expected: str) -> None:
@@ -587,6 +589,32 @@ def test_wrong_boundary_is_recovered() -> None:
     mail = parse_mail(raw)
     assert mail.text == "recovered text"
     assert any("boundary" in d for d in mail.defects)
+
+
+def test_missing_boundary_is_recovered_from_an_8bit_body() -> None:
+    raw = build(
+        'From: a@example.com\nContent-Type: multipart/mixed',
+        "--XyZ\nContent-Type: text/plain; charset=utf-8\n\nGrüße\n--XyZ--\n",
+    )
+    mail = parse_mail(raw)
+    assert mail.text == "Grüße"
+
+
+def test_8bit_epilogue_with_a_dash_line_is_kept() -> None:
+    raw = build(
+        'From: a@example.com\nContent-Type: multipart/mixed; boundary="b"',
+        "--b\nContent-Type: text/plain\n\nbody\n--b--\n--été\n",
+    )
+    mail = parse_mail(raw)
+    assert mail.text == "body"
+    [epilogue] = mail.attachments
+    assert epilogue.filename == "epilogue.txt" and "été".encode() in epilogue.data
+
+
+def test_unicode_escape_is_not_a_charset() -> None:
+    raw = build("From: a@example.com\nContent-Type: text/plain; charset=unicode_escape",
+                "a\\u0041b\n")
+    assert parse_mail(raw).text.strip() == "a\\u0041b"  # not "aAb"
 
 
 def test_parts_after_a_reused_boundary_are_kept() -> None:
