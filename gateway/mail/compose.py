@@ -218,7 +218,10 @@ def _phrase(name: str) -> list[str]:
         # FWS inside a quoted-string is allowed and unfolds back to the same space.
         quoted[0] = '"' + quoted[0]
         quoted[-1] = quoted[-1] + '"'
-        return quoted
+        # Escaping doubles `"` and `\`: a word of them could outgrow a line; such a
+        # name goes as encoded words, which fold anywhere.
+        if all(len(w) <= _MAX_LITERAL for w in quoted):
+            return quoted
     return _encoded_words(name)
 
 
@@ -442,10 +445,15 @@ def _param(name: str, value: str) -> list[str]:
     ]
 
 
+# Attachments a mail client would render with their scripts (B23 allows no script in
+# HTML parts): they travel as opaque files, to be saved rather than shown.
+_ACTIVE_TYPES = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml"})
+
+
 def _attachment_part(att: Attachment) -> _Part:
     raw_type = att.content_type.strip()
     ctype = raw_type.split(";", 1)[0].strip().lower()
-    if not _MIME_TYPE.match(ctype):
+    if not _MIME_TYPE.match(ctype) or ctype in _ACTIVE_TYPES:
         ctype = "application/octet-stream"
     params = ""
     if ctype.startswith("text/"):

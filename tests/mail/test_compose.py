@@ -202,6 +202,8 @@ def test_encoded_word_in_subject_cannot_inject(evil: str) -> None:
     [
         "Eve <evil@attacker.test>, bcc@attacker.test",
         'Eve" <evil@attacker.test>, "x',
+        '"' * 500,  # escaping doubles it: more than a header line may hold
+        "\\" * 700,
         "Eve\r\nBcc: evil@attacker.test",
         'Eve\\", evil@attacker.test',
         "Eve (comment) ; group: x@y;",
@@ -621,6 +623,17 @@ def test_attachments_with_html_and_odd_types() -> None:
     assert binary.get_content() == b"Subject: x\r\n\r\n\xff\xfe"
     assert empty.get_filename() is None
     assert empty.get_content() == b""
+
+
+@pytest.mark.parametrize("ctype", ["text/html", "TEXT/HTML; charset=utf-8", "image/svg+xml"])
+def test_attachments_that_would_run_script_go_as_opaque_files(ctype: str) -> None:
+    """B23: no HTML part with script, attachments included (an agent relays a
+    customer's invoice.html, a chat user sends an .svg)."""
+    page = b"<p>Invoice</p><script>steal()</script>"
+    raw = raw_of(outbound(attachments=(Attachment("invoice.html", ctype, page),)))
+    [_, att] = list(parse(raw).iter_parts())
+    assert att.get_content_type() == "application/octet-stream"
+    assert att.get_filename() == "invoice.html" and att.get_content() == page
 
 
 # -- identifiers and arguments ---------------------------------------------------------------
