@@ -26,7 +26,7 @@ from gateway.chat import encode_raw
 from gateway.config import Settings, parse_settings
 from gateway.daemon import App
 from gateway.message import Channel, Inbound
-from gateway.pipeline import Disposition
+from gateway.pipeline import Disposition, StageError, quarantine
 from gateway.store.models import (
     Article,
     Blob,
@@ -176,6 +176,24 @@ def test_a_bad_message_is_quarantined_and_the_rest_of_its_batch_kept(app: App, c
     # The abandoned first attempt left no gap in the day's numbers.
     day = clock.now.strftime("%Y%m%d")
     assert [results[0].ticket, results[2].ticket] == [f"{day}00001", f"{day}00002"]
+
+
+def test_overlong_names_and_senders_are_kept_short_on_every_backend(app: App) -> None:
+    """PostgreSQL enforces column lengths, SQLite does not: a 450-character display
+    name must not quarantine a well-formed mail (B20) on one of them, nor a
+    500-character envelope sender make a quarantine row fail (and its whole batch
+    answer 451 with it)."""
+    long_name = make_mail("Long Cc", cc=f'"{"N" * 450}" <eve@users.test>')
+    sender = "x" * 490 + "@users.test"
+    nobody = make_mail("Who am I", sender="")
+    assert outcomes(batch(app, long_name, mail_in(nobody, sender))) == ["created"] * 2
+    with app.sessions() as s, s.begin():
+        [eve] = s.scalars(select(Participant).where(Participant.address == "eve@users.test"))
+        assert eve.name == "N" * 400  # the column's length
+        row = quarantine(s, mail_in(nobody, sender), StageError("parse", "test", "x"),
+                         dt.datetime.now(dt.UTC))
+        s.expire(row)  # as stored, not as given
+        assert row.mail_from == sender[:320]
 
 
 def test_chat_messages_in_one_batch_go_to_the_same_ticket(
