@@ -126,14 +126,20 @@ class App:
             if worker:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(worker[0]), timeout=30)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.outbox.drain(), timeout=10)
+            if not worker or worker[0].done():  # never two rounds at once
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.outbox.drain(), timeout=10)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.outbox is not None:
+            # Sends that ended in a round cut short: their rows must say so, or the
+            # next start sends them again.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.outbox.record_unrecorded)
         if self._transport is not None:
             await self._transport.close()
         if self._telegram is not None:

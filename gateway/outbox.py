@@ -78,9 +78,10 @@ class EmailSender:
 
 
 def backoff(settings: OutboundSettings, attempts: int) -> dt.timedelta:
-    """Exponential backoff with +-20% jitter, capped."""
-    base = min(settings.backoff_seconds * 2 ** max(attempts - 1, 0), settings.backoff_max_seconds)
-    return dt.timedelta(seconds=base * random.uniform(0.8, 1.2))
+    """Exponential backoff with +-20% jitter, capped (the exponent too: 2.0 ** 1024
+    overflows a float, and max_attempts has no upper bound)."""
+    base = settings.backoff_seconds * 2.0 ** min(max(attempts - 1, 0), 60)
+    return dt.timedelta(seconds=min(base * random.uniform(0.8, 1.2), settings.backoff_max_seconds))
 
 
 class OutboxWorker:
@@ -101,6 +102,10 @@ class OutboxWorker:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        # Results of sends not yet written to their rows. Each is noted the moment its
+        # send ends, and dropped only once a commit has recorded it: a failed or
+        # cancelled transaction must not lose a result, or the mail goes out again.
+        self._unrecorded: list[tuple[Delivery, DeliveryError | str | None]] = []
 
     def wake(self) -> None:
         """Thread-safe: there may be new rows to send."""
@@ -111,6 +116,14 @@ class OutboxWorker:
         """Ask `run` to return after the delivery round in progress (never mid-send)."""
         self._stopping = True
         self._wake.set()
+
+    def record_unrecorded(self) -> None:
+        """Write the results of sends whose round was cut short (blocking: call it in
+        a thread, or after the event loop's work is done)."""
+        if self._unrecorded:
+            outcomes = list(self._unrecorded)
+            self._round(outcomes, claim=False)
+            del self._unrecorded[: len(outcomes)]
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -139,13 +152,22 @@ class OutboxWorker:
         # round, and the claim that finds nothing also says when the next row is due:
         # each write transaction here makes the intake writer wait for SQLite's lock.
         attempted = 0
-        items, delay = await asyncio.to_thread(self._round, [])
+        items, delay = await self._record_and_claim(claim=True)
         while items:
             attempted += len(items)
-            results = await asyncio.gather(*(self._deliver(i) for i in items))
-            items, delay = await asyncio.to_thread(
-                self._round, list(zip(items, results, strict=True)))
+            await asyncio.gather(*(self._deliver_and_note(i) for i in items))
+            # After stop(): record this round, claim no other.
+            items, delay = await self._record_and_claim(claim=not self._stopping)
         return attempted, delay
+
+    async def _record_and_claim(self, *, claim: bool) -> tuple[list[Delivery], float]:
+        outcomes = list(self._unrecorded)
+        items, delay = await asyncio.to_thread(self._round, outcomes, claim=claim)
+        del self._unrecorded[: len(outcomes)]  # committed
+        return items, delay
+
+    async def _deliver_and_note(self, item: Delivery) -> None:
+        self._unrecorded.append((item, await self._deliver(item)))
 
     async def _deliver(self, item: Delivery) -> DeliveryError | str | None:
         sender = self.senders.get(item.channel)
@@ -163,15 +185,19 @@ class OutboxWorker:
     # -- database (worker threads) -------------------------------------------------
 
     def _round(
-        self, outcomes: list[tuple[Delivery, DeliveryError | str | None]]
+        self, outcomes: list[tuple[Delivery, DeliveryError | str | None]], *, claim: bool
     ) -> tuple[list[Delivery], float]:
-        """Record `outcomes`, claim the next due rows; with none, the seconds to the next."""
+        """Record `outcomes`, claim the next due rows (if `claim`); with none, the
+        seconds to the next."""
         failures: list[tuple[Delivery, str, bool]] = []
+        items: list[Delivery] = []
+        delay = 0.0
         with self.sessions() as session, session.begin():
             if outcomes:
                 failures = self._record(session, outcomes)
-            items = self._claim(session)
-            delay = 0.0 if items else self._seconds_to_next_due(session)
+            if claim:
+                items = self._claim(session)
+                delay = 0.0 if items else self._seconds_to_next_due(session)
         # After the commit: a failure callback writes in a transaction of its own.
         if self.on_failure is not None:
             for item, error, dead in failures:
@@ -209,8 +235,8 @@ class OutboxWorker:
             .options(defer(OutboxRow.raw), defer(OutboxRow.payload)))}
         for item, result in outcomes:
             row = rows.get(item.id)
-            if row is None:
-                continue
+            if row is None or row.state != "pending":
+                continue  # gone, or recorded already (a commit whose end was cancelled)
             if result is None:
                 row.state, row.sent_at = "sent", now
                 row.attempts += 1

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from support.mailer import make_mail, send
 from support.sink import SmtpSink
 
@@ -87,7 +88,39 @@ def test_backoff_grows_and_is_capped(settings: Settings) -> None:
     first, third = backoff(o, 1), backoff(o, 3)
     assert 0.8 * o.backoff_seconds <= first.total_seconds() <= 1.2 * o.backoff_seconds
     assert 3.2 * o.backoff_seconds <= third.total_seconds() <= 4.8 * o.backoff_seconds
-    assert backoff(o, 60).total_seconds() <= 1.2 * o.backoff_max_seconds
+    assert backoff(o, 60).total_seconds() <= o.backoff_max_seconds
+    # max_attempts has no upper bound; 2.0 ** 1024 would overflow a float.
+    assert backoff(o, 5000).total_seconds() <= o.backoff_max_seconds
+
+
+async def test_results_of_a_round_survive_a_failed_recording(
+    app: App, sink: SmtpSink, clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transaction that records a round fails (the store is briefly unavailable):
+    the results stay with the worker and the next round records them, so nothing sent
+    is sent again when its claim runs out."""
+    await send(port(app), make_mail("Record me"))
+    assert app.outbox is not None
+    worker = app.outbox
+    real_record = worker._record
+    failures = iter([OperationalError("UPDATE outbox", {}, Exception("database is locked"))])
+
+    def record_failing_once(*args: Any) -> Any:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_record(*args)
+
+    monkeypatch.setattr(worker, "_record", record_failing_once)
+    with pytest.raises(OperationalError):
+        await worker.drain()
+    await sink.wait_for(2)
+    assert [r.state for r in outbox(app)] == ["pending", "pending"]  # claimed, unrecorded
+    assert await worker.drain() == 0  # records the results; nothing else is due
+    assert [(r.state, r.attempts) for r in outbox(app)] == [("sent", 1), ("sent", 1)]
+    clock.advance(minutes=10)  # past the claim's lease
+    assert await worker.drain() == 0
+    assert len(sink.messages) == 2
 
 
 async def test_no_resend_after_restart(
