@@ -598,7 +598,9 @@ def locate(text: str, loc: tuple[int | str, ...]) -> int | None:
 
     tomllib keeps no positions, so this walks table headers: `[a.b]` and the
     n-th `[[a]]`, then the key inside that table. It returns the table's line
-    when the key itself is absent (a missing required key).
+    when the key itself is absent (a missing required key). Dotted keys
+    (`smtp.port = 1`) and inline tables are not followed: the error then names
+    the key path without a line.
     """
     parts = [str(p) for p in loc]
     table: list[str] = []
@@ -613,7 +615,7 @@ def locate(text: str, loc: tuple[int | str, ...]) -> int | None:
                 counts[key] = counts.get(key, -1) + 1
                 name = [*name, str(counts[key])]
             table = name
-            if parts[: len(table)] == table and (best is None or len(table) >= 1):
+            if parts[: len(table)] == table:
                 best = number
             continue
         k = _KEY.match(line)
