@@ -61,7 +61,9 @@ class Clipped(TypeDecorator[str]):
 
     PostgreSQL enforces the length and SQLite does not: without this, a well-formed
     mail with a 450-character display name was quarantined on one backend only (B20),
-    and a 500-character envelope sender made even its quarantine row fail.
+    and a 500-character envelope sender made even its quarantine row fail. Used for
+    the columns that take what senders write (addresses, names, Message-IDs, types);
+    the others hold the daemon's own values, and each bind step costs time per row.
     """
 
     impl = String
@@ -84,19 +86,19 @@ class Ticket(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Human-readable, date-based: YYYYMMDD + 5-digit daily sequence (2026112700012).
-    number: Mapped[str] = mapped_column(Clipped(32), unique=True)
+    number: Mapped[str] = mapped_column(String(32), unique=True)
     subject: Mapped[str] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(Clipped(16), index=True)
-    priority: Mapped[str] = mapped_column(Clipped(16))
-    type: Mapped[str | None] = mapped_column(Clipped(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[str] = mapped_column(String(16))
+    type: Mapped[str | None] = mapped_column(String(64))
     tags: Mapped[list[str]] = mapped_column(JSON, default=list)
-    group: Mapped[str] = mapped_column(Clipped(200), index=True)
-    owner: Mapped[str | None] = mapped_column(Clipped(320))
+    group: Mapped[str] = mapped_column(String(200), index=True)
+    owner: Mapped[str | None] = mapped_column(String(320))
     customer: Mapped[str] = mapped_column(Clipped(320), index=True)
     customer_name: Mapped[str] = mapped_column(Clipped(400), default="")
-    channel: Mapped[str] = mapped_column(Clipped(16))
+    channel: Mapped[str] = mapped_column(String(16))
     # The inbound address the customer wrote to: replies to the customer come from it.
-    inbound_address: Mapped[str] = mapped_column(Clipped(320))
+    inbound_address: Mapped[str] = mapped_column(String(320))
     # Channel-specific return path for non-email channels (e.g. Telegram bot + chat id).
     channel_ref: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     linked_ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))
@@ -113,7 +115,7 @@ class Ticket(Base):
     # SLA clock state (migration 0003_sla; gateway.escalation.sla explains each):
     # the SLA in force, when the ticket entered its group (the clocks' origin), the
     # pause spans [[start, end|null], ...] as ISO strings, alarms fired per cycle.
-    sla_name: Mapped[str | None] = mapped_column(Clipped(64))
+    sla_name: Mapped[str | None] = mapped_column(String(64))
     sla_started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     sla_pauses: Mapped[list[list[str | None]] | None] = mapped_column(JSON)
     sla_fired: Mapped[dict[str, str] | None] = mapped_column(JSON)
@@ -144,7 +146,7 @@ class Participant(Base):
     ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"))
     address: Mapped[str] = mapped_column(Clipped(320))
     name: Mapped[str] = mapped_column(Clipped(400), default="")
-    role: Mapped[str] = mapped_column(Clipped(16))  # customer | cc
+    role: Mapped[str] = mapped_column(String(16))  # customer | cc
     # Set when a delivery status notification reported a permanent failure.
     bouncing: Mapped[str | None] = mapped_column(Text)
 
@@ -160,13 +162,13 @@ class Article(Base):
     ticket_id: Mapped[int] = mapped_column(
         ForeignKey("tickets.id", ondelete="CASCADE"), index=True
     )
-    kind: Mapped[str] = mapped_column(Clipped(16))  # public | internal
-    direction: Mapped[str] = mapped_column(Clipped(8))  # in | out
-    channel: Mapped[str] = mapped_column(Clipped(16))
+    kind: Mapped[str] = mapped_column(String(16))  # public | internal
+    direction: Mapped[str] = mapped_column(String(8))  # in | out
+    channel: Mapped[str] = mapped_column(String(16))
     sender: Mapped[str] = mapped_column(Clipped(320))
     sender_name: Mapped[str] = mapped_column(Clipped(400), default="")
     # customer | agent | system (automatic mail, reports)
-    author_role: Mapped[str] = mapped_column(Clipped(16))
+    author_role: Mapped[str] = mapped_column(String(16))
     to: Mapped[list[str]] = mapped_column(JSON, default=list)
     cc: Mapped[list[str]] = mapped_column(JSON, default=list)
     subject: Mapped[str] = mapped_column(Text, default="")
@@ -189,7 +191,7 @@ class Blob(Base):
 
     __tablename__ = "blobs"
 
-    sha256: Mapped[str] = mapped_column(Clipped(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
@@ -219,7 +221,7 @@ class MessageId(Base):
     ticket_id: Mapped[int | None] = mapped_column(
         ForeignKey("tickets.id", ondelete="CASCADE"), index=True
     )
-    direction: Mapped[str] = mapped_column(Clipped(8))  # in | out | dropped
+    direction: Mapped[str] = mapped_column(String(8))  # in | out | dropped
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
     ticket: Mapped[Ticket | None] = relationship()
@@ -236,7 +238,7 @@ class Event(Base):
     )
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     actor: Mapped[str] = mapped_column(Clipped(320))
-    kind: Mapped[str] = mapped_column(Clipped(64))
+    kind: Mapped[str] = mapped_column(String(64))
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
     ticket: Mapped[Ticket] = relationship()
@@ -256,19 +258,19 @@ class OutboxRow(Base):
     ticket_id: Mapped[int | None] = mapped_column(
         ForeignKey("tickets.id", ondelete="SET NULL"), index=True
     )
-    channel: Mapped[str] = mapped_column(Clipped(16))
+    channel: Mapped[str] = mapped_column(String(16))
     # ack | notify | relay | error | reminder | escalation | incident
-    kind: Mapped[str] = mapped_column(Clipped(16))
+    kind: Mapped[str] = mapped_column(String(16))
     # First recipient, for listing and the per-address rate limit.
     to_address: Mapped[str] = mapped_column(Clipped(320))
     recipients: Mapped[list[str]] = mapped_column(JSON)
-    envelope_from: Mapped[str] = mapped_column(Clipped(320))
+    envelope_from: Mapped[str] = mapped_column(String(320))
     message_id: Mapped[str | None] = mapped_column(Clipped(998))
     raw: Mapped[bytes | None] = mapped_column(LargeBinary)
     # For non-email channels: what to send (text, attachments, chat id, ...).
     # None is SQL NULL, whether the row came from the ORM or from a deferred insert.
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
-    state: Mapped[str] = mapped_column(Clipped(16))  # pending | sent | held | dead
+    state: Mapped[str] = mapped_column(String(16))  # pending | sent | held | dead
     automatic: Mapped[bool] = mapped_column(default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
@@ -286,17 +288,17 @@ class QuarantineRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
-    channel: Mapped[str] = mapped_column(Clipped(16))
-    source: Mapped[str] = mapped_column(Clipped(200))
-    stage: Mapped[str] = mapped_column(Clipped(32))
-    reason: Mapped[str] = mapped_column(Clipped(64))
+    channel: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(200))
+    stage: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text, default="")
     message_id: Mapped[str | None] = mapped_column(Clipped(998))
     mail_from: Mapped[str | None] = mapped_column(Clipped(320))
     rcpt_tos: Mapped[list[str]] = mapped_column(JSON, default=list)
     channel_message_id: Mapped[str | None] = mapped_column(Clipped(200))
     raw: Mapped[bytes] = mapped_column(LargeBinary)
-    state: Mapped[str] = mapped_column(Clipped(16), default="held")  # held | retried
+    state: Mapped[str] = mapped_column(String(16), default="held")  # held | retried
 
 
 class Counter(Base):
@@ -304,7 +306,7 @@ class Counter(Base):
 
     __tablename__ = "counters"
 
-    name: Mapped[str] = mapped_column(Clipped(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger)
 
 
@@ -319,14 +321,14 @@ class ImapState(Base):
 
     __tablename__ = "imap_state"
 
-    name: Mapped[str] = mapped_column(Clipped(64), primary_key=True)
-    source: Mapped[str] = mapped_column(Clipped(1000), default="")
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(1000), default="")
     uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     acked_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     pending_quarantine: Mapped[list[int]] = mapped_column(JSON, default=list)
     connected: Mapped[bool] = mapped_column(default=False)
-    mode: Mapped[str] = mapped_column(Clipped(16), default="")  # idle | poll | ""
+    mode: Mapped[str] = mapped_column(String(16), default="")  # idle | poll | ""
     ingested: Mapped[int] = mapped_column(BigInteger, default=0)
     failures: Mapped[int] = mapped_column(Integer, default=0)
     last_success_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -715,6 +715,13 @@ def test_add_business_minutes_matches_businesstimedelta(case: dict[str, Any]) ->
 @ORACLE_SETTINGS
 @given(oracle_cases())
 def test_business_minutes_between_matches_businesstimedelta(case: dict[str, Any]) -> None:
+    # The oracle subtracts wall times: across a DST change inside business hours it
+    # counts the skipped (or repeated) hour, where real elapsed time does not (found by
+    # Hypothesis: 01:59 to 03:00 in Berlin on 31 March 2024 is one minute, it says 61).
+    # Spans are at most 40 days, so equal offsets at both ends mean no change between;
+    # real minutes across a change: test_interval_containing_the_dst_change_counts_real_
+    # minutes, and the properties below (between inverts add).
+    assume(case["start"].utcoffset() == case["end"].utcoffset())
     ours = business_minutes_between(case["cal"], case["start"], case["end"])
     delta = case["oracle"].difference(case["start"], case["end"]).timedelta
     assert ours == delta // timedelta(minutes=1)
