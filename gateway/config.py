@@ -163,6 +163,8 @@ class OutboundSettings(_Section):
     timeout_seconds: float = Field(default=30.0, gt=0)
     # Cap on mail the daemon writes by itself (acknowledgements, error mails) to one address.
     auto_mail_per_hour: int = Field(default=10, ge=0)
+    # Longest the outbox holds deliveries back while the intake is saturated (0: never).
+    burst_hold_seconds: float = Field(default=10.0, ge=0)
 
     @model_validator(mode="after")
     def _login(self) -> OutboundSettings:

@@ -89,7 +89,8 @@ class App:
         self._transport = transport
         self.senders["email"] = EmailSender(transport)
         self.outbox = OutboxWorker(self.sessions, self.senders, self.settings.outbound,
-                                   self.clock, on_failure=self._delivery_failed)
+                                   self.clock, on_failure=self._delivery_failed,
+                                   intake_load=self.intake.load)
         self.intake.start()
         if self.settings.smtp.enabled:
             self.channels.append(SmtpChannel(self.settings, self.submit))

@@ -17,6 +17,10 @@ Each batch is tried twice at most:
   own savepoint and is quarantined with its stage and reason.
 If the safe path cannot commit either, every message of the batch gets
 `StoreUnavailable`, so SMTP answers 451 and the sender retries.
+
+The writer also keeps a measure of its own load (`load()`): the outbox worker
+holds its deliveries back while the intake is saturated (docs/design.md,
+"Inbound first").
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +48,12 @@ Clock = Callable[[], dt.datetime]
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+# Time constant of the writer's load measure, in seconds: long enough to smooth over
+# the gaps between a burst's batches, short enough that the end of a burst shows
+# within about a second.
+LOAD_TAU = 0.25
 
 
 class StoreUnavailable(Exception):
@@ -83,6 +95,10 @@ class Intake:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.redone = 0  # batches the fast path gave up (a bad message, a conflict)
+        # Busy seconds, decayed with LOAD_TAU, as of monotonic time `_busy_at`. Written
+        # by the writer thread only; a reader sees a consistent enough pair.
+        self._busy = 0.0
+        self._busy_at = 0.0
 
     def start(self) -> None:
         self._stopping = False
@@ -107,6 +123,23 @@ class Intake:
         job = _Job(inbound, loop.create_future(), loop)
         self._queue.put(job)
         return await job.future
+
+    def load(self, now: float | None = None) -> float:
+        """About what share of its recent time (a quarter second or so) the writer spent on
+        batches, from 0 to 1.
+
+        An exponentially decayed sum of busy time: `busy / LOAD_TAU` tends to the
+        busy fraction under steady load and falls towards 0 once the writer idles.
+        """
+        now = time.monotonic() if now is None else now
+        busy, at = self._busy, self._busy_at
+        return min(1.0, busy * math.exp(-max(0.0, now - at) / LOAD_TAU) / LOAD_TAU)
+
+    def note_busy(self, started: float, ended: float) -> None:
+        """Count a batch that kept the writer busy from `started` to `ended` (monotonic)."""
+        self._busy = (self._busy * math.exp(-max(0.0, ended - self._busy_at) / LOAD_TAU)
+                      + (ended - started))
+        self._busy_at = ended
 
     def ingest_now(self, inbound: Inbound) -> Disposition:
         """Synchronous ingest of one message (CLI `quarantine retry`, tests)."""
@@ -133,7 +166,9 @@ class Intake:
                 jobs.append(nxt)
                 if isinstance(nxt, _Job):
                     size += len(nxt.inbound.raw)
+            started = time.monotonic()
             self._run_batch([j for j in jobs if isinstance(j, _Job)])
+            self.note_busy(started, time.monotonic())
             if stop:
                 return
 

@@ -8,6 +8,11 @@ with exponential backoff and jitter after a temporary failure; `dead` after a
 permanent failure or `max_attempts`. Rows whose channel has no sender are `held`
 until one is configured. Delivery is at-least-once: a crash between a send and
 its bookkeeping resends after the lease, with the same Message-ID.
+
+Inbound first: while the intake writer is saturated (a burst), the worker holds
+its rounds back for up to `burst_hold_seconds`, so that the CPU and the
+database's write lock go to answering the senders waiting for their 250. Once
+the intake calms down, or the hold has run out, it delivers everything due.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import datetime as dt
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +38,10 @@ log = logging.getLogger(__name__)
 
 LEASE = dt.timedelta(minutes=5)
 BATCH = 50
+# The intake writer's load above which the worker holds its rounds back, and how often
+# it looks again while it does.
+SATURATED = 0.8
+HOLD_POLL_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +103,18 @@ class OutboxWorker:
         clock: Callable[[], dt.datetime],
         *,
         on_failure: Callable[[Delivery, str, bool], None] | None = None,
+        intake_load: Callable[[], float] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sessions = sessions
         self.senders = senders
         self.settings = settings
         self.clock = clock
         self.on_failure = on_failure
+        self.intake_load = intake_load
+        self.monotonic = monotonic
+        self._holding_since: float | None = None
+        self._catching_up = False  # a hold ran out: deliver all that is due before another
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -130,8 +146,14 @@ class OutboxWorker:
         self._stopping = False
         while not self._stopping:
             self._wake.clear()
+            hold = self.hold_left()
+            if hold > 0:
+                # Look again soon: the end of a burst brings no wake-up.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=min(hold, HOLD_POLL_S))
+                continue
             try:
-                _, delay = await self._drain()
+                _, delay = await self._drain(hold=True)
             except Exception:
                 log.exception("outbox: worker iteration failed; retrying in 5 s")
                 delay = 5.0
@@ -140,14 +162,40 @@ class OutboxWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
+    def hold_left(self) -> float:
+        """Seconds the worker should still hold its rounds back for a saturated intake.
+
+        The hold starts when the worker first finds the intake saturated and lasts at
+        most `burst_hold_seconds`; then the worker delivers until nothing is due, rows
+        committed meanwhile included, before it holds back again: under a burst that
+        outlasts the hold, mail waits about that long, not longer and longer.
+        """
+        limit = self.settings.burst_hold_seconds
+        if (self._catching_up or not limit or self.intake_load is None
+                or self.intake_load() < SATURATED):
+            self._holding_since = None
+            return 0.0
+        now = self.monotonic()
+        if self._holding_since is None:
+            self._holding_since = now
+            log.debug("outbox: intake saturated, holding deliveries back (at most %g s)",
+                      limit)
+        left = self._holding_since + limit - now
+        if left <= 0:
+            self._holding_since = None
+            self._catching_up = True
+            return 0.0
+        return left
+
     async def drain(self) -> int:
         """Deliver every row that is due now; returns how many were attempted."""
         attempted, _ = await self._drain()
         return attempted
 
-    async def _drain(self) -> tuple[int, float]:
+    async def _drain(self, *, hold: bool = False) -> tuple[int, float]:
         """Deliver every row that is due now; returns how many were attempted and the
-        seconds until the next one is due."""
+        seconds until the next one is due. `hold`: stop after a round when the intake
+        is saturated (`hold_left`); the next due time is then 0."""
         # A round's results are recorded in the transaction that claims the next
         # round, and the claim that finds nothing also says when the next row is due:
         # each write transaction here makes the intake writer wait for SQLite's lock.
@@ -156,8 +204,12 @@ class OutboxWorker:
         while items:
             attempted += len(items)
             await asyncio.gather(*(self._deliver_and_note(i) for i in items))
+            if hold and self.hold_left() > 0:
+                await self._record_and_claim(claim=False)
+                return attempted, 0.0
             # After stop(): record this round, claim no other.
             items, delay = await self._record_and_claim(claim=not self._stopping)
+        self._catching_up = False
         return attempted, delay
 
     async def _record_and_claim(self, *, claim: bool) -> tuple[list[Delivery], float]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import select
@@ -13,8 +14,9 @@ from support.sink import SmtpSink
 
 from gateway.config import Settings
 from gateway.daemon import App
+from gateway.intake import Intake
 from gateway.mail.transport import SmtpTransport
-from gateway.outbox import backoff
+from gateway.outbox import OutboxWorker, backoff
 from gateway.store.models import OutboxRow
 
 
@@ -188,3 +190,100 @@ async def test_maildir_is_the_default_without_smarthost(settings: Settings, cloc
     assert len(files) == 2
     assert all(b"[Ticket#" in f.read_bytes() for f in files)
 
+
+
+class Load:
+    """A stand-in for the intake writer's load, and a monotonic clock, set by the test."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+        self.now = 0.0
+        self.asked = asyncio.Event()
+
+    def load(self) -> float:
+        self.asked.set()
+        return self.value
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def holding(app: App, load: Load) -> OutboxWorker:
+    worker = app.outbox
+    assert worker is not None
+    worker.intake_load, worker.monotonic = load.load, load.monotonic
+    return worker
+
+
+async def test_deliveries_wait_while_the_intake_is_saturated(app: App, sink: SmtpSink) -> None:
+    load = Load(1.0)
+    worker = holding(app, load)
+    await send(port(app), make_mail("Burst"))
+    task = asyncio.create_task(worker.run())
+    try:
+        # Twice round the loop: each time it found the intake saturated and held back.
+        for _ in range(2):
+            load.asked.clear()
+            await load.asked.wait()
+        assert sink.messages == []
+        assert [r.state for r in outbox(app)] == ["pending", "pending"]
+        load.value = 0.3  # the burst is over
+        await sink.wait_for(2)
+    finally:
+        worker.stop()
+        await task
+    assert [r.state for r in outbox(app)] == ["sent", "sent"]
+
+
+async def test_deliveries_wait_no_longer_than_the_hold(app: App, sink: SmtpSink) -> None:
+    load = Load(1.0)
+    worker = holding(app, load)
+    await send(port(app), make_mail("Long burst"))
+    task = asyncio.create_task(worker.run())
+    try:
+        await load.asked.wait()
+        assert sink.messages == []
+        load.now = app.settings.outbound.burst_hold_seconds + 0.1  # still saturated
+        await sink.wait_for(2)
+    finally:
+        worker.stop()
+        await task
+
+
+async def test_the_hold_starts_again_only_once_the_backlog_is_delivered(
+    app: App, sink: SmtpSink
+) -> None:
+    load = Load(1.0)
+    worker = holding(app, load)
+    limit = app.settings.outbound.burst_hold_seconds
+    assert worker.hold_left() == limit
+    load.now = 4.0
+    assert worker.hold_left() == limit - 4.0
+    load.now = limit
+    assert worker.hold_left() == 0.0  # ran out: deliver
+    load.now = limit + 1
+    assert worker.hold_left() == 0.0  # still catching up, although saturated
+    await send(port(app), make_mail("Backlog"))
+    assert await worker.drain() == 2  # nothing left due: caught up
+    assert worker.hold_left() == limit  # a new hold
+    load.value = 0.5
+    assert worker.hold_left() == 0.0  # not saturated
+    load.value, load.now = 1.0, limit + 50
+    assert worker.hold_left() == limit  # counted afresh
+    worker.settings = app.settings.outbound.model_copy(update={"burst_hold_seconds": 0})
+    assert worker.hold_left() == 0.0  # switched off
+
+
+def test_the_writer_load_follows_its_busy_share() -> None:
+    intake = Intake(cast(Any, None), cast(Any, None))
+    t = 100.0
+    for _ in range(200):  # two seconds, busy 9 ms of every 10
+        intake.note_busy(t, t + 0.009)
+        t += 0.010
+    assert 0.85 < intake.load(t) < 0.95
+    assert intake.load(t + 1.0) < 0.02  # a second after the burst
+    quiet = Intake(cast(Any, None), cast(Any, None))
+    for _ in range(10):  # ten messages a second, 5 ms each
+        quiet.note_busy(t, t + 0.005)
+        t += 0.1
+    assert quiet.load(t) < 0.1
