@@ -138,33 +138,44 @@ def _find_header(lines: list[str]) -> tuple[int, int] | None:
 
 def _trim_quotes(lines: list[str]) -> list[str]:
     """Drop leading and trailing `>` quoted blocks (and an attribution before them)."""
+    # Indices, not slices, so a long quote costs linear time, not quadratic.
     lines = _strip_blank(lines)
-    while lines and _QUOTED.match(lines[-1]):
-        lines = _strip_blank(lines[:-1])
-        if not lines or not _QUOTED.match(lines[-1]):
-            lines = _drop_attribution(lines)
-    while lines and _QUOTED.match(lines[0]):
-        lines = _strip_blank(lines[1:])
-    return lines
+    end = len(lines)
+    while end and _QUOTED.match(lines[end - 1]):
+        end = _end_of_text(lines, end - 1)
+        if not end or not _QUOTED.match(lines[end - 1]):
+            end = _attribution_end(lines, end)
+    start = 0
+    while start < end and _QUOTED.match(lines[start]):
+        start += 1
+        while start < end and not lines[start].strip():
+            start += 1
+    return lines[start:end]
 
 
 def _drop_attribution(lines: list[str]) -> list[str]:
     """Remove a trailing "On <date>, <someone> wrote:" the header patterns missed."""
     lines = _strip_blank(lines)
-    if not lines or not lines[-1].rstrip().endswith((":", _FULLWIDTH_COLON)):
-        return lines
-    last = lines[-1]
+    return lines[: _attribution_end(lines, len(lines))]
+
+
+def _attribution_end(lines: list[str], end: int) -> int:
+    """Where `lines[:end]` ends without a trailing attribution line and blank lines."""
+    end = _end_of_text(lines, end)
+    if not end or not lines[end - 1].rstrip().endswith((":", _FULLWIDTH_COLON)):
+        return end
+    last = lines[end - 1]
     take = 1
-    if len(lines) > 1 and lines[-2].strip():
-        previous = lines[-2]
+    if end > 1 and lines[end - 2].strip():
+        previous = lines[end - 2]
         # Clients wrap long attributions: "... <" / "bob@example.com> wrote:".
         if previous.count("<") > previous.count(">") or len(last.split()) <= 2:
             take = 2
-    attribution = " ".join(lines[-take:])
+    attribution = " ".join(lines[end - take : end])
     looks_like = _ATTRIBUTION_WORD.search(attribution) or (
         "@" in attribution and any(c.isdigit() for c in attribution)
     )
-    return _strip_blank(lines[:-take]) if looks_like else lines
+    return _end_of_text(lines, end - take) if looks_like else end
 
 
 def _drop_signature(lines: list[str]) -> list[str]:
@@ -174,11 +185,19 @@ def _drop_signature(lines: list[str]) -> list[str]:
         if line.strip() == "--" and len(lines) - index <= _MAX_SIGNATURE_LINES:
             lines = _strip_blank(lines[:index])
             break
-    while lines and _MOBILE_FOOTER.match(lines[-1]):
-        lines = _strip_blank(lines[:-1])
-    while lines and _SEPARATOR_LINE.match(lines[-1]):
-        lines = _strip_blank(lines[:-1])
-    return lines
+    end = len(lines)
+    while end and _MOBILE_FOOTER.match(lines[end - 1]):
+        end = _end_of_text(lines, end - 1)
+    while end and _SEPARATOR_LINE.match(lines[end - 1]):
+        end = _end_of_text(lines, end - 1)
+    return lines[:end]
+
+
+def _end_of_text(lines: list[str], end: int) -> int:
+    """`end` moved back over the blank lines before it."""
+    while end and not lines[end - 1].strip():
+        end -= 1
+    return end
 
 
 def _strip_blank(lines: list[str]) -> list[str]:

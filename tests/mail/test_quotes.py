@@ -211,3 +211,12 @@ def test_html_blockquote_with_unknown_attribution_language() -> None:
 def test_hostile_input_finishes() -> None:
     text = "Reply\n" + ("On " + "a b " * 60 + ":\n") * 3000 + "x" * 100_000
     assert strip_reply(text).startswith("Reply")
+
+
+def test_long_runs_of_quotes_footers_and_rules_are_all_cut() -> None:
+    # Each of these once cost quadratic time (bench/hostile_input.py times them).
+    assert strip_reply("Answer\n\n" + ">\n" * 20_000) == "Answer"
+    assert strip_reply(">\n" * 20_000 + "\nAnswer") == "Answer"
+    assert strip_reply("Answer\n" + "Sent from my iPhone\n\n" * 5_000) == "Answer"
+    assert strip_reply("Answer\n" + "-----\n" * 20_000) == "Answer"
+    assert strip_reply("Answer\n> q\nOn 1 Jan 2026, bob@users.test wrote:\n> q\n") == "Answer"
