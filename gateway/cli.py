@@ -38,7 +38,9 @@ from gateway.routing import RuleError
 DEFAULTS = Path(__file__).resolve().parent / "defaults"
 
 
-def _load(args: argparse.Namespace) -> Settings:
+def _load(args: argparse.Namespace, *, create_secret: bool = True) -> Settings:
+    """The settings `args` name; `create_secret=False` for commands that sign nothing
+    (see `with_real_secret`), so that they leave no file behind."""
     given = getattr(args, "config", None)
     path = Path(given) if given else default_config_path()
     if not path.exists() and not given and "HELPDESKD_CONFIG" not in os.environ:
@@ -51,13 +53,28 @@ def _load(args: argparse.Namespace) -> Settings:
             settings = settings.model_copy(update={"daemon": daemon})
     else:
         settings = load_settings(path)
-    return with_real_secret(settings)
+    return with_real_secret(settings, create=create_secret)
 
 
 def _app(args: argparse.Namespace) -> Any:
-    from gateway.daemon import App
+    """The daemon's parts, for commands that read or repair its store.
 
-    return App(_load(args))
+    They never create an SQLite database: in the wrong directory, or with the wrong
+    `--config`, an empty new database would answer "no tickets" where the operator
+    should learn that this is not the daemon's store.
+    """
+    from gateway.daemon import App
+    from gateway.store.db import is_sqlite
+
+    settings = _load(args, create_secret=False)
+    url = settings.database_url
+    if is_sqlite(url):
+        path = Path(url.split("///", 1)[1]) if "///" in url else None
+        if path is not None and str(path) != ":memory:" and not path.exists():
+            raise FileNotFoundError(
+                f"no database at {path}: the daemon has not run with this configuration "
+                "(helpdeskd run or helpdeskd init create it)")
+    return App(with_real_secret(settings))
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -124,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from gateway.routing import load_rules
 
-    settings = _load(args)
+    settings = _load(args, create_secret=False)
     rules = load_rules(settings.path(settings.daemon.rules_dir), settings.group_names)
     print(f"configuration OK: {len(settings.inbound)} inbound address(es), "
           f"{len(settings.groups)} group(s), {len(settings.agents)} agent(s), "
@@ -141,7 +158,7 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
     from gateway.message import Channel
     from gateway.routing import RoutingFacts, load_rules
 
-    settings = _load(args)
+    settings = _load(args, create_secret=False)
     rules = load_rules(settings.path(settings.daemon.rules_dir), settings.group_names)
     raw = Path(args.file).read_bytes()
     try:
@@ -452,7 +469,7 @@ def cmd_calendar_show(args: argparse.Namespace) -> int:
     from gateway.escalation.calendar import Calendar
     from gateway.escalation.report import calendar_view, format_calendar
 
-    settings = _load(args)
+    settings = _load(args, create_secret=False)
     table = settings.calendars.get(args.name)
     if table is None:
         names = ", ".join(sorted(settings.calendars)) or "none configured"

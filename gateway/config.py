@@ -691,17 +691,20 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     )
 
 
-def with_real_secret(settings: Settings) -> Settings:
+def with_real_secret(settings: Settings, *, create: bool = True) -> Settings:
     """Replace the shipped demo secret with a random one kept in `data_dir/secret`.
 
     Anyone can compute reply tokens with a secret that is printed in the repository,
     and so act as any agent. A deployment that never set `secret` therefore gets a
     random secret generated once (mode 0600) and reused on every start, so tokens in
-    notifications already sent stay valid.
+    notifications already sent stay valid. `create=False` (commands that sign
+    nothing) reads the file if there is one and otherwise changes nothing.
     """
     if settings.daemon.secret.get_secret_value() != DEFAULT_SECRET:
         return settings
     path = settings.path(settings.daemon.data_dir) / "secret"
+    if not path.exists() and not create:
+        return settings
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

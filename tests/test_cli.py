@@ -158,6 +158,20 @@ def test_operational_errors_are_one_line_not_a_traceback(
     assert err.count("\n") == 1 and "sekrit" not in err
 
 
+def test_reading_commands_leave_no_files_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Embedded defaults in an empty directory: nothing to check against is created.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HELPDESKD_CONFIG", raising=False)
+    for command in (["check"], ["calendar", "show", "berlin"]):
+        assert run_cli(capsys, *command)[0] == 0
+    code, out, err = run_cli(capsys, "tickets", "list")
+    assert (code, out) == (1, "")
+    assert err.startswith(f"helpdeskd: no database at {tmp_path / 'var' / 'helpdeskd.sqlite3'}")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tickets_list_and_show_json(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first = ingest(config, make_mail("First", message_id="<one@users.test>"))
     ingest(config, make_mail("Catalogue thing"))
