@@ -124,7 +124,9 @@ class AgentReplies:
             self._apply(session, ticket, cmd, sender, now)
 
         article: Article | None = None
-        if text:
+        # A file sent with no words is an answer too (a screenshot, the log asked for);
+        # an inline part alone is a signature's logo, not a reply.
+        if text or any(not a.inline for a in mail.attachments):
             if not internal:
                 text, mail = self._without_tokens(text, mail, sender, ticket)
             article = store_article(session, ticket, inbound, mail, info, now,

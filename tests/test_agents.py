@@ -371,6 +371,39 @@ async def test_attachments_of_agent_reply_go_along(app: App, sink: SmtpSink) -> 
     assert att.get_content() == b"key = value\n\x00binary"
 
 
+async def test_a_file_sent_without_words_is_relayed(app: App, sink: SmtpSink) -> None:
+    t, note = await open_ticket(app, sink)
+    msg = email.message_from_bytes(gmail_reply(note, "alice@agents.test", ""),
+                                   policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    msg.add_attachment(b"\x89PNG screenshot", maintype="image", subtype="png",
+                       filename="screen.png")
+    before = len(sink.messages)
+    await reply(app, note, msg.as_bytes(), "alice@agents.test")
+    await sink.wait_for(before + 1)
+    relay = parsed(sink.messages[before].raw)
+    assert relay["To"].addresses[0].addr_spec == "dana@users.test"
+    [att] = list(relay.iter_attachments())
+    assert (att.get_filename(), att.get_content()) == ("screen.png", b"\x89PNG screenshot")
+    [_, answer] = ticket(app, t["number"])["articles"]
+    assert (answer["kind"], answer["author_role"]) == ("public", "agent")
+    assert [a["filename"] for a in answer["attachments"]] == ["screen.png"]
+
+
+async def test_a_signature_logo_alone_is_no_reply(app: App, sink: SmtpSink) -> None:
+    t, note = await open_ticket(app, sink)
+    msg = email.message_from_bytes(gmail_reply(note, "alice@agents.test", "#close"),
+                                   policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    msg.add_attachment(b"\x89PNG logo", maintype="image", subtype="png", filename="logo.png",
+                       disposition="inline", cid="<logo@agents.test>")
+    rows = outbox_count(app)
+    await reply(app, note, msg.as_bytes(), "alice@agents.test")
+    after = ticket(app, t["number"])
+    assert after["state"] == "closed" and len(after["articles"]) == 1
+    assert outbox_count(app) == rows
+
+
 async def test_html_only_reply_is_stripped_of_the_quote(app: App, sink: SmtpSink) -> None:
     t, note = await open_ticket(app, sink)
     html = (

@@ -383,6 +383,20 @@ async def test_attachments_both_ways(make_daemon: MakeDaemon) -> None:
 # -- delivery trouble --------------------------------------------------------------------------
 
 
+async def test_a_file_the_agent_sends_without_words_reaches_the_chat(
+    make_daemon: MakeDaemon,
+) -> None:
+    d = await make_daemon()
+    bot = d.helpbot
+    await _new_ticket(d)
+    [note] = await d.mails_to("alice@agents.test", 1)
+    pdf = b"%PDF-1.4\n" + bytes(300)
+    await d.agent_reply(note, "", attachments=(("config.pdf", "application/pdf", pdf),))
+    await d.until(lambda: any(s.data for s in bot.sent), what="the file sent")
+    [sent] = [s for s in bot.sent if s.data]
+    assert (sent.method, sent.filename, sent.data) == ("sendDocument", "config.pdf", pdf)
+
+
 async def test_long_reply_split_and_429_honoured(make_daemon: MakeDaemon) -> None:
     d = await make_daemon()
     bot = d.helpbot
