@@ -10,7 +10,7 @@ the final reply), and N messages over K concurrent connections (messages/second,
 p50/p99, and each server process's CPU time per message during that burst).
 
     .venv/bin/python bench/smtp_ingest.py [--messages 2000] [--concurrency 8] [--rate 100]
-                                          [--seconds 10] [--maildir]
+                                          [--seconds 10] [--maildir] [--burst-hold 10]
 
 Prints figures; asserts nothing.
 """
@@ -128,7 +128,8 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p / 100 * len(values)))] * 1000
 
 
-def write_config(directory: Path, port: int, smarthost_port: int | None = None) -> Path:
+def write_config(directory: Path, port: int, smarthost_port: int | None = None,
+                 burst_hold: float = 10.0) -> Path:
     (directory / "rules").mkdir()
     (directory / "rules" / "10.yaml").write_text(
         "rules:\n  - name: catalogue\n    when: {subject: {contains: catalogue}}\n"
@@ -145,6 +146,7 @@ port = {port}
 [outbound]
 maildir = "var/outbound"
 auto_mail_per_hour = 1000000
+burst_hold_seconds = {burst_hold:g}
 {'smarthost = "127.0.0.1"' + chr(10) + f'port = {smarthost_port}' if smarthost_port else ''}
 [[inbound]]
 address = "help@helpdesk.test"
@@ -224,6 +226,8 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--maildir", action="store_true",
                         help="outbound mail to a maildir instead of a smarthost")
+    parser.add_argument("--burst-hold", type=float, default=10.0, metavar="SECONDS",
+                        help="[outbound] burst_hold_seconds (0: deliver during the burst)")
     args = parser.parse_args()
     print(f"{args.messages} messages over {args.concurrency} connections; then "
           f"{args.rate:g} msg/s for {args.seconds:g} s; {os.cpu_count()} cores", flush=True)
@@ -242,7 +246,8 @@ async def main() -> None:
         smarthost_port = free_port()
         smarthost = subprocess.Popen(
             [sys.executable, "-c", BARE_SERVER, str(smarthost_port)], stdout=subprocess.DEVNULL)
-        config = write_config(Path(tmp), hd_port, None if args.maildir else smarthost_port)
+        config = write_config(Path(tmp), hd_port, None if args.maildir else smarthost_port,
+                              args.burst_hold)
         daemon = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "--config", str(config), "run"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
