@@ -34,8 +34,12 @@ class Api:
         http.add_route("GET", "/api/incidents/{number}/reviews", self.reviews)
 
     def _authorised(self, request: web.Request) -> bool:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
-        return hmac.compare_digest(given, self.token)
+        # RFC 6750 2.1: "Bearer" and the token; the scheme's case does not matter (RFC
+        # 9110 11.1). aiohttp hands over non-UTF-8 bytes as surrogate escapes: they
+        # must compare as unequal, not raise.
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), self.token)
 
     async def _answer(self, request: web.Request, data: Any) -> web.StreamResponse:
         if data is None:

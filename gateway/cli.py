@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -132,10 +133,19 @@ def configure_logging(level: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.daemon import serve
 
+    # Until `serve` installs its handlers, a reload request has nothing to reload and a
+    # stop request has nothing to stop: neither may kill the process mid-start.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     settings = _load(args)
     configure_logging(settings.daemon.log_level)
+    logging.getLogger("gateway.daemon").info("helpdeskd: starting")
     asyncio.run(serve(settings))
     return 0
+
+
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -206,21 +206,26 @@ def freeze_startup_objects() -> None:
 
 async def serve(settings: Settings) -> None:
     """`helpdeskd run`: run until SIGTERM or SIGINT."""
-    app = App(settings)
+    # Handlers first: building the App (imports, migrations) takes a second, and a
+    # SIGTERM or SIGHUP meanwhile must not kill the process with the default action.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    app: App | None = None
     # Reloading reads and parses files: a worker thread does it, not the event loop.
     reloads: set[asyncio.Task[object]] = set()  # held so they are not garbage-collected
 
     def on_sighup() -> None:
+        if app is None:  # still starting: it is about to read the files anyway
+            return
         app.templates.reload()
         task = loop.create_task(asyncio.to_thread(app.rules.reload))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    app = App(settings)
     freeze_startup_objects()
     await app.start()
     log.info("helpdeskd: running (%s)", redact_url(settings.database_url))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,26 @@ async def test_ticket_with_deadlines_over_http(api_app: App) -> None:
 async def test_api_refuses_without_the_token(api_app: App) -> None:
     assert (await get(api_app, "/api/tickets/1", token=None))[0] == 401
     assert (await get(api_app, "/api/tickets/1", token="wrong"))[0] == 401
+
+
+async def status_for(app: App, authorization: bytes) -> int:
+    """The status line's code for a request with this Authorization value, as raw bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.http.port)
+    writer.write(b"GET /api/tickets/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Authorization: " + authorization + b"\r\n\r\n")
+    status = (await reader.readline()).split()[1]
+    writer.close()
+    await writer.wait_closed()
+    return int(status)
+
+
+async def test_api_takes_the_bearer_scheme_only(api_app: App) -> None:
+    token = TOKEN.encode()
+    assert await status_for(api_app, b"Bearer " + token) == 404  # in: no ticket 1
+    assert await status_for(api_app, b"bearer " + token) == 404  # the scheme's case is free
+    assert await status_for(api_app, token) == 401  # no scheme
+    assert await status_for(api_app, b"Basic " + token) == 401
+    assert await status_for(api_app, b"Bearer \xe9") == 401  # not UTF-8: refused, no crash
 
 
 def test_no_api_without_a_token(settings: Any) -> None:

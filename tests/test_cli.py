@@ -296,6 +296,33 @@ async def test_run_stops_cleanly_on_sigterm(tmp_path: Path, db_url: str) -> None
     assert settings_toml["smtp"]["port"] == port
 
 
+async def test_signals_while_starting_neither_kill_nor_hang(tmp_path: Path, db_url: str) -> None:
+    from support.app import demo_config
+
+    data = demo_config(tmp_path, db_url)
+    data["smtp"]["port"] = free_port()
+    config = write_config(tmp_path, data)
+    env = {**os.environ, "HELPDESKD_CONFIG": str(config)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "run", env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            while b"helpdeskd: starting" not in (line := await proc.stdout.readline()):
+                assert line, "daemon exited before it was starting"
+        # The App is being built (imports, migrations): a reload, then a stop request.
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            rest = await proc.stdout.read()
+            assert await proc.wait() == 0, rest.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert b"Traceback" not in rest
+
+
 def test_daemon_logs_keep_secrets_out_at_debug_level() -> None:
     """Libraries that log bot tokens (in Bot API URLs) or reply-token addresses (aiosmtpd's
     RCPT lines) are held at WARNING even when the daemon logs at DEBUG."""
