@@ -615,3 +615,34 @@ async def test_webhook_answers_500_until_committed(
     await d.texts(bot, DANA, 1)
     assert bot.webhook_deliveries[-1] == (update["update_id"], 200)
     assert len(d.tickets()) == 1
+
+
+# -- updates the poller must get past ---------------------------------------------------------
+
+
+async def test_polling_gets_past_an_update_ptb_cannot_parse(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon()
+    bot = d.helpbot
+    dana = {"id": DANA, "is_bot": False, "first_name": "Dana"}
+    # PTB's Update.de_json needs a message's `date` and `chat`: parsing the batch with PTB
+    # failed the whole getUpdates call, every time, and the poller stopped for good.
+    bot.push({"message": {"message_id": 90, "chat": {"id": DANA, "type": "private"},
+                          "from": dana, "text": "Sent without a date"}})
+    no_chat = bot.push({"message": {"message_id": 91, "date": 0, "from": dana,
+                                    "text": "No chat"}})
+    last = bot.message(DANA, "A normal message after them")
+    await d.until(lambda: d.quarantined() == 1 and len(d.tickets()) == 1
+                  and len(d.tickets()[0]["articles"]) == 2, what="all three handled")
+    # The update without a date is read as webhook mode reads it: a ticket.
+    [ticket] = d.tickets()
+    assert [a["body"] for a in ticket["articles"]] == ["Sent without a date",
+                                                       "A normal message after them"]
+    # The one the chat path cannot read either is quarantined with its reason, as raw.
+    assert d.app is not None
+    with d.app.sessions() as s:
+        [row] = list(s.scalars(select(QuarantineRow)))
+        assert (row.stage, row.reason) == ("parse", "bad-update")
+        assert row.channel_message_id == f"helpbot:{no_chat['update_id']}"
+        assert b'"No chat"' in row.raw
+    # ...and the offset moved past all three.
+    await d.until(lambda: bot.confirmed_offset == last["update_id"] + 1, what="offset confirmed")
