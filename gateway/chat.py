@@ -25,6 +25,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,13 @@ CHANNEL = "telegram"
 _PERSON = AutoInfo(False, (), False)
 _SUBJECT_MAX = 100
 _OPEN_STATES = ("new", "open", "pending")
+# Surrogate code points left in a decoded str are lone halves (json.loads joins the pairs):
+# Telegram passes on what a client sent, e.g. half of an emoji cut by a buggy client.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class NotPrepared(ValueError):
+    """The adapter could not prepare the update (its files, its encoding): `encode_failed`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +129,48 @@ def encode_raw(
     skipped: Sequence[SkippedFile] = (),
 ) -> bytes:
     """What the adapter submits as `Inbound.raw`: the update plus its fetched files."""
-    return json.dumps({
+    return json_bytes({
         "v": RAW_VERSION,
         "bot": bot,
         "update": update,
         "files": [{"kind": kind, "filename": a.filename, "content_type": a.content_type,
                    "data": base64.b64encode(a.data).decode("ascii")} for kind, a in files],
         "skipped": [dataclasses.asdict(s) for s in skipped],
-    }, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    })
+
+
+def encode_failed(bot: str, update: dict[str, Any], error: str) -> bytes:
+    """`Inbound.raw` for an update the adapter could not prepare: the chat path quarantines it.
+
+    A failure before submit that is not the network's (a malformed file entry, a bug)
+    would fail the same way on every retry and hold up every later update of the bot;
+    in quarantine the update is kept and the bot moves on.
+    """
+    return json_bytes({"v": RAW_VERSION, "bot": bot, "update": update, "error": error})
+
+
+def json_bytes(value: Any) -> bytes:
+    """`value` as UTF-8 JSON; cannot fail on what json.loads produced.
+
+    A lone UTF-16 surrogate (JSON "\\ud83d" without its pair) is a str that strict
+    UTF-8 refuses. Such a value is written with every non-ASCII character escaped
+    instead: still valid UTF-8 JSON, and lossless (json.loads gives back the same
+    str), where errors="surrogatepass" would write bytes that are not UTF-8 and
+    errors="replace" would lose the character from the raw record.
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _clean(value: Any) -> str:
+    """A str from the update, safe to store: lone surrogates become U+FFFD.
+
+    The raw update keeps the original; the database drivers refuse lone surrogates.
+    """
+    return _LONE_SURROGATE.sub("\ufffd", str(value))
 
 
 def parse_raw(raw: bytes) -> ChatUpdate:
@@ -136,6 +178,8 @@ def parse_raw(raw: bytes) -> ChatUpdate:
     data = json.loads(raw)
     if not isinstance(data, dict) or data.get("v") != RAW_VERSION:
         raise ValueError("not a helpdeskd Telegram update (unknown format version)")
+    if "error" in data:
+        raise NotPrepared(_clean(data["error"]))
     bot = str(data["bot"])
     update = data["update"]
     update_id = int(update["update_id"])
@@ -145,13 +189,14 @@ def parse_raw(raw: bytes) -> ChatUpdate:
     msg = update[kind]
     chat = msg["chat"]
     user = msg.get("from") or {}
-    name = " ".join(p for p in (user.get("first_name", ""), user.get("last_name", "")) if p)
+    name = _clean(" ".join(p for p in (user.get("first_name", ""), user.get("last_name", ""))
+                           if p))
     files = tuple(
-        Attachment(str(f["filename"]), str(f["content_type"]),
+        Attachment(_clean(f["filename"]), str(f["content_type"]),
                    base64.b64decode(f["data"], validate=True))
         for f in data.get("files", [])
     )
-    skipped = tuple(SkippedFile(str(s["kind"]), str(s["filename"]), int(s["size"]))
+    skipped = tuple(SkippedFile(str(s["kind"]), _clean(s["filename"]), int(s["size"]))
                     for s in data.get("skipped", []))
     return ChatUpdate(
         bot=bot,
@@ -160,13 +205,13 @@ def parse_raw(raw: bytes) -> ChatUpdate:
         update=update,
         chat_id=int(chat["id"]),
         chat_type=str(chat.get("type", "")),
-        chat_title=str(chat.get("title") or ""),
+        chat_title=_clean(chat.get("title") or ""),
         user_id=int(user["id"]) if "id" in user else None,
-        user_name=name or str(chat.get("title") or ""),
-        username=str(user.get("username") or ""),
+        user_name=name or _clean(chat.get("title") or ""),
+        username=_clean(user.get("username") or ""),
         user_is_bot=bool(user.get("is_bot")),
         message_id=int(msg["message_id"]),
-        text=str(msg.get("text") or msg.get("caption") or ""),
+        text=_clean(msg.get("text") or msg.get("caption") or ""),
         date=dt.datetime.fromtimestamp(int(msg["date"]), dt.UTC) if "date" in msg else None,
         files=files,
         skipped=skipped,
@@ -195,6 +240,8 @@ def ingest(pipeline: Pipeline, session: Session, inbound: Inbound, now: dt.datet
     with stage("parse"):
         try:
             upd = parse_raw(inbound.raw)
+        except NotPrepared as exc:
+            raise StageError("prepare", "not-prepared", str(exc)) from exc
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             raise StageError("parse", "bad-update", f"{type(exc).__name__}: {exc}") from exc
         bot = pipeline.settings.telegram_bot(upd.bot)
@@ -334,8 +381,7 @@ class _ChatPath:
 
     def _store(self, ticket: Ticket, mail: ParsedMail) -> Article:
         # The article keeps the update itself; its files are stored once, as blobs.
-        raw = json.dumps({"bot": self.bot.name, "update": self.upd.update},
-                         ensure_ascii=False).encode("utf-8")
+        raw = json_bytes({"bot": self.bot.name, "update": self.upd.update})
         inbound = dataclasses.replace(self.inbound, raw=raw)
         return self.p._store_article(self.session, ticket, inbound, mail, _PERSON, self.now,
                                      kind="public", role="customer")

@@ -58,7 +58,7 @@ from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning, PTBUserWarning
 
 from gateway.channels import Submit
-from gateway.chat import SkippedFile, encode_raw
+from gateway.chat import SkippedFile, encode_failed, encode_raw
 from gateway.config import Settings, TelegramSettings
 from gateway.http import HttpServer
 from gateway.intake import StoreUnavailable
@@ -344,6 +344,27 @@ class TelegramChannel:
 
     async def _process(self, data: dict[str, Any], update_id: int) -> Disposition:
         """Download the message's files, submit; returns after the commit."""
+        try:
+            raw = await self._prepare(data, update_id)
+        except TelegramError:
+            raise  # the network or Telegram: worth trying again (fetched/delivered again)
+        except Exception as exc:
+            # Anything else fails the same way on every retry and would hold up every
+            # later update of the bot: submit the update as it came, to be quarantined.
+            log.exception("%s: update %d could not be prepared; quarantining it",
+                          self.name, update_id)
+            raw = encode_failed(self.cfg.name, data, f"{type(exc).__name__}: {exc}")
+        inbound = Inbound(
+            channel=Channel.TELEGRAM,
+            raw=raw,
+            received_at=dt.datetime.now(dt.UTC),
+            source=self.name,
+            channel_message_id=f"{self.cfg.name}:{update_id}",
+        )
+        return await self.submit(inbound)
+
+    async def _prepare(self, data: dict[str, Any], update_id: int) -> bytes:
+        """The update plus its downloaded files, as `Inbound.raw`."""
         files: list[tuple[str, Attachment]] = []
         skipped: list[SkippedFile] = []
         message = data.get("message")
@@ -354,14 +375,7 @@ class TelegramChannel:
                     files.append((media.kind, got))
                 else:
                     skipped.append(got)
-        inbound = Inbound(
-            channel=Channel.TELEGRAM,
-            raw=encode_raw(self.cfg.name, data, files, skipped),
-            received_at=dt.datetime.now(dt.UTC),
-            source=self.name,
-            channel_message_id=f"{self.cfg.name}:{update_id}",
-        )
-        return await self.submit(inbound)
+        return encode_raw(self.cfg.name, data, files, skipped)
 
     def _accepts(self, message: dict[str, Any]) -> bool:
         # Files of a group message that will be refused are not worth fetching.

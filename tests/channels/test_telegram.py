@@ -12,6 +12,7 @@ import datetime as dt
 import email
 import email.policy
 import email.utils
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
@@ -31,7 +32,7 @@ from gateway.config import Settings, parse_settings
 from gateway.daemon import App
 from gateway.mail.transport import SmtpTransport
 from gateway.store.db import make_sessionmaker
-from gateway.store.models import OutboxRow, QuarantineRow, Ticket
+from gateway.store.models import Article, OutboxRow, QuarantineRow, Ticket
 
 HELP_TOKEN = "1001:help-token"
 CAT_TOKEN = "1002:cat-token"
@@ -646,3 +647,47 @@ async def test_polling_gets_past_an_update_ptb_cannot_parse(make_daemon: MakeDae
         assert b'"No chat"' in row.raw
     # ...and the offset moved past all three.
     await d.until(lambda: bot.confirmed_offset == last["update_id"] + 1, what="offset confirmed")
+
+
+async def test_a_lone_surrogate_does_not_block_the_bot(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon()
+    bot = d.helpbot
+    # Half an emoji (JSON "\ud83d" without its pair): strict UTF-8 refused it before the
+    # submit, and the poller fetched the same update again, for ever.
+    broken = bot.message(DANA, "broken emoji \ud83d here")
+    bot.message(DANA, "A normal message after it")
+    await d.mails_to("alice@agents.test", 2)
+    [ticket] = d.tickets()
+    # Stored with U+FFFD in place of the lone half; the raw record keeps it as it came.
+    assert [a["body"] for a in ticket["articles"]] == ["broken emoji \ufffd here",
+                                                       "A normal message after it"]
+    assert d.app is not None
+    with d.app.sessions() as s:
+        article = s.get(Article, ticket["articles"][0]["id"])
+        assert article is not None and article.raw is not None
+        raw = article.raw
+    assert json.loads(raw)["update"] == broken
+    assert d.quarantined() == 0
+
+
+async def test_an_update_that_cannot_be_prepared_is_quarantined_not_retried(
+    make_daemon: MakeDaemon,
+) -> None:
+    d = await make_daemon()
+    bot = d.helpbot
+    # A document without a file_id fails before the submit, the same way every time.
+    bad = bot.push({"message": {"message_id": 92, "date": 0,
+                                "chat": {"id": DANA, "type": "private"},
+                                "from": {"id": DANA, "is_bot": False, "first_name": "Dana"},
+                                "document": {"file_unique_id": "U1", "file_name": "a.pdf"}}})
+    last = bot.message(DANA, "A normal message after it")
+    await d.texts(bot, DANA, 1)
+    assert d.app is not None
+    with d.app.sessions() as s:
+        [row] = list(s.scalars(select(QuarantineRow)))
+        assert (row.stage, row.reason) == ("prepare", "not-prepared")
+        assert "KeyError" in row.detail and "file_id" in row.detail
+        assert row.channel_message_id == f"helpbot:{bad['update_id']}"
+        assert json.loads(row.raw)["update"] == bad
+    await d.until(lambda: bot.confirmed_offset == last["update_id"] + 1, what="offset confirmed")
+    assert [a["body"] for a in d.tickets()[0]["articles"]] == ["A normal message after it"]
