@@ -99,20 +99,41 @@ class ChatUpdate:
     date: dt.datetime | None = None
     files: tuple[Attachment, ...] = ()
     skipped: tuple[SkippedFile, ...] = ()
+    # This bot's Telegram username (getMe), "" where unknown (raws from before it was kept).
+    bot_username: str = ""
 
-    @property
-    def command(self) -> tuple[str, str] | None:
-        """(`name`, `argument`) for `/name@bot argument`, else None."""
+    def _command_parts(self) -> tuple[str, str, str] | None:
+        """(`name`, `addressee`, `argument`) for `/name@addressee argument`, else None."""
         if not self.text.startswith("/"):
             return None
         head, _, arg = self.text.partition(" ")
         if "\n" in head:
             head, _, rest = head.partition("\n")
             arg = f"{rest} {arg}".strip()
-        name = head[1:].split("@", 1)[0].lower()
+        name, _, addressee = head[1:].partition("@")
+        name = name.lower()
         if not name or not name.replace("_", "").isalnum():
             return None
-        return name, arg.strip()
+        return name, addressee, arg.strip()
+
+    @property
+    def for_another_bot(self) -> bool:
+        """A command addressed to some other bot (`/close@other_bot`).
+
+        Telegram's bot docs ("Commands"): in a chat with several bots, a command carries
+        the username of the bot it is for. Usernames compare case-insensitively.
+        """
+        parts = self._command_parts()
+        return (parts is not None and bool(parts[1]) and bool(self.bot_username)
+                and parts[1].lower() != self.bot_username.lower())
+
+    @property
+    def command(self) -> tuple[str, str] | None:
+        """(`name`, `argument`) for `/name argument` or `/name@thisbot argument`, else None."""
+        parts = self._command_parts()
+        if parts is None or self.for_another_bot:
+            return None
+        return parts[0], parts[2]
 
     @property
     def private(self) -> bool:
@@ -127,11 +148,16 @@ def encode_raw(
     update: dict[str, Any],
     files: Sequence[tuple[str, Attachment]] = (),
     skipped: Sequence[SkippedFile] = (),
+    username: str = "",
 ) -> bytes:
-    """What the adapter submits as `Inbound.raw`: the update plus its fetched files."""
+    """What the adapter submits as `Inbound.raw`: the update plus its fetched files.
+
+    `username` is the bot's Telegram username, to tell its commands from other bots'.
+    """
     return json_bytes({
         "v": RAW_VERSION,
         "bot": bot,
+        "me": username,
         "update": update,
         "files": [{"kind": kind, "filename": a.filename, "content_type": a.content_type,
                    "data": base64.b64encode(a.data).decode("ascii")} for kind, a in files],
@@ -215,6 +241,7 @@ def parse_raw(raw: bytes) -> ChatUpdate:
         date=dt.datetime.fromtimestamp(int(msg["date"]), dt.UTC) if "date" in msg else None,
         files=files,
         skipped=skipped,
+        bot_username=str(data.get("me") or ""),
     )
 
 
@@ -286,6 +313,10 @@ class _ChatPath:
             return Disposition(Outcome.IGNORED, reason=f"update type {u.kind or '-'}")
         if u.user_is_bot:
             return Disposition(Outcome.IGNORED, reason="message from a bot")
+        if u.for_another_bot:
+            # Meant for another bot in the chat: neither ours to run nor a message to us.
+            log.info("%s: command for another bot ignored", self.tag)
+            return Disposition(Outcome.IGNORED, reason="command for another bot")
         if not u.private and not self.bot.allow_groups:
             with stage("persist"):
                 self._say(None, "refusal", "telegram_group_refused.txt", automatic=True)

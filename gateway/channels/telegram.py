@@ -375,7 +375,9 @@ class TelegramChannel:
                     files.append((media.kind, got))
                 else:
                     skipped.append(got)
-        return encode_raw(self.cfg.name, data, files, skipped)
+        # The username is known once getMe answered (`ready`); a webhook call can come first.
+        username = self.bot.username if self.ready.is_set() else ""
+        return encode_raw(self.cfg.name, data, files, skipped, username)
 
     def _accepts(self, message: dict[str, Any]) -> bool:
         # Files of a group message that will be refused are not worth fetching.

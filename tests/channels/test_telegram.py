@@ -691,3 +691,24 @@ async def test_an_update_that_cannot_be_prepared_is_quarantined_not_retried(
         assert json.loads(row.raw)["update"] == bad
     await d.until(lambda: bot.confirmed_offset == last["update_id"] + 1, what="offset confirmed")
     assert [a["body"] for a in d.tickets()[0]["articles"]] == ["A normal message after it"]
+
+
+async def test_a_command_for_another_bot_in_the_group_is_not_ours(
+    make_daemon: MakeDaemon,
+) -> None:
+    d = await make_daemon()
+    cat = d.catbot
+    group = {"chat_type": "supergroup", "chat_title": "Lab 7", "user_id": 778}
+    cat.message(-100456, "Our group needs access", **group)
+    await d.texts(cat, -100456, 1)
+    # Addressed to another bot: not run, not stored, not answered.
+    cat.message(-100456, "/close@some_other_bot", **group)
+    # Addressed to ours (the username in any case): run.
+    cat.message(-100456, "/status@CatBot", **group)
+    status = (await d.texts(cat, -100456, 2))[1]
+    [ticket] = d.tickets()
+    assert ticket["state"] == "new" and f"[Ticket#{ticket['number']}]" in status
+    assert len(ticket["articles"]) == 1
+    cat.message(-100456, "/close@catbot", **group)
+    await d.texts(cat, -100456, 3)
+    assert d.tickets()[0]["state"] == "closed"
