@@ -13,6 +13,7 @@ import email
 import email.policy
 import email.utils
 import json
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
@@ -712,3 +713,23 @@ async def test_a_command_for_another_bot_in_the_group_is_not_ours(
     cat.message(-100456, "/close@catbot", **group)
     await d.texts(cat, -100456, 3)
     assert d.tickets()[0]["state"] == "closed"
+
+
+async def test_a_downloaded_file_is_encoded_off_the_event_loop(
+    make_daemon: MakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.channels.telegram as telegram_module
+
+    encoded_in: list[int] = []
+    real = telegram_module.encode_raw
+
+    def recording(*args: Any, **kwargs: Any) -> bytes:
+        encoded_in.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(telegram_module, "encode_raw", recording)
+    d = await make_daemon()
+    d.helpbot.message(DANA, document=("app.log", "text/plain", b"ERROR\n" * 1000))
+    await d.texts(d.helpbot, DANA, 1)
+    # base64 + JSON of a file up to 20 MB blocked the loop for up to ~0.2 s.
+    assert encoded_in and threading.get_ident() not in encoded_in
