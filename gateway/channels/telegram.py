@@ -1,7 +1,7 @@
 """The Telegram channel: a bot's updates in, agent replies out, inside the daemon's loop.
 
 In: one `TelegramChannel` per configured bot. It downloads the files of a
-message (photo in its largest size, document, voice, video, audio; Telegram's
+message (photo in its largest size, document, voice, video, video note, audio; Telegram's
 getFile stops at 20 MB, larger files are listed as skipped and the chat gets a
 polite note) and submits the update plus its files as one `Inbound`; the chat
 path (`gateway.chat`) does the rest without the network.
@@ -132,7 +132,8 @@ class _Media:
 
 
 def media_of(message: dict[str, Any]) -> list[_Media]:
-    """The files of a message worth keeping: the largest photo, document, voice, video, audio."""
+    """The files of a message worth keeping: the largest photo, document, voice, video (also
+    round video notes), audio."""
     found: list[_Media] = []
     photos = message.get("photo") or []
     if photos:
@@ -141,7 +142,9 @@ def media_of(message: dict[str, Any]) -> list[_Media]:
         found.append(_Media("photo", best["file_id"], f"photo_{best['file_unique_id']}.jpg",
                             "image/jpeg", best.get("file_size")))
     defaults = {"document": ("bin", "application/octet-stream"), "voice": ("ogg", "audio/ogg"),
-                "video": ("mp4", "video/mp4"), "audio": ("mp3", "audio/mpeg")}
+                "video": ("mp4", "video/mp4"), "audio": ("mp3", "audio/mpeg"),
+                # A round video message: an MP4 without name or MIME type.
+                "video_note": ("mp4", "video/mp4")}
     for kind, (ext, ctype) in defaults.items():
         obj = message.get(kind)
         if not isinstance(obj, dict):

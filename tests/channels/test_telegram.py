@@ -733,3 +733,19 @@ async def test_a_downloaded_file_is_encoded_off_the_event_loop(
     await d.texts(d.helpbot, DANA, 1)
     # base64 + JSON of a file up to 20 MB blocked the loop for up to ~0.2 s.
     assert encoded_in and threading.get_ident() not in encoded_in
+
+
+async def test_a_round_video_message_is_stored(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon()
+    bot = d.helpbot
+    video = b"\x00\x00\x00\x18ftypmp42" + bytes(500)
+    ref = bot.add_file(video, "video_notes/file")
+    bot.push({"message": {"message_id": 50, "date": 0, "chat": {"id": DANA, "type": "private"},
+                          "from": {"id": DANA, "is_bot": False, "first_name": "Dana"},
+                          "video_note": {**ref, "length": 240, "duration": 5}}})
+    [ack] = await d.texts(bot, DANA, 1)
+    assert "only take text" not in ack  # was refused as "nothing to keep"
+    [ticket] = d.tickets()
+    [att] = ticket["articles"][0]["attachments"]
+    assert att["content_type"] == "video/mp4" and att["size"] == len(video)
+    assert att["filename"].endswith(".mp4")
