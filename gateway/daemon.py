@@ -152,7 +152,7 @@ class App:
         from gateway.channels.telegram import TelegramChannel, TelegramSender, make_bot
 
         bots = {b.name: make_bot(self.settings, b) for b in self.settings.telegram}
-        self._telegram = TelegramSender(self.sessions, bots)
+        self._telegram = TelegramSender(self.sessions, bots, self.clock)
         self.senders["telegram"] = self._telegram
         # Chat rows written while no bot was configured wait as "held"; send them now.
         release_held(self.sessions, {"telegram"})

@@ -23,9 +23,10 @@ Out: `TelegramSender`, the outbox's sender for channel "telegram". A row is a
 text (split at Telegram's 4096-character limit) plus files (sendPhoto for
 pictures, sendDocument otherwise), sent in order at a paced rate; the parts
 already sent are recorded in the row, so a retry does not repeat them. 429
-(RetryAfter) reschedules the row for when Telegram says; 403 (the user blocked
-the bot) and 400 are permanent, the row goes dead and the ticket gets an
-internal note (`gateway.chat.delivery_failed`).
+(RetryAfter) reschedules the row for when Telegram says; a group upgraded to a
+supergroup (ChatMigrated) has its tickets moved to the new chat id and the row
+is sent there; 403 (the user blocked the bot) and other 400s are permanent, the
+row goes dead and the ticket gets an internal note (`gateway.chat.delivery_failed`).
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 from aiohttp import web
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from telegram import Bot
 from telegram.error import (
     BadRequest,
+    ChatMigrated,
     Forbidden,
     InvalidToken,
     RetryAfter,
@@ -66,7 +68,8 @@ from gateway.mail.transport import DeliveryError
 from gateway.message import Attachment, Channel, Inbound
 from gateway.outbox import Delivery, RetryLater
 from gateway.pipeline import Disposition
-from gateway.store.models import Blob, OutboxRow
+from gateway.store.models import Blob, OutboxRow, Participant, Ticket
+from gateway.store.pending import add_event
 
 log = logging.getLogger(__name__)
 
@@ -495,9 +498,11 @@ def _u16(text: str) -> int:
 class TelegramSender:
     """The outbox's sender for channel "telegram" (rows written by `Notifier.enqueue_chat`)."""
 
-    def __init__(self, sessions: sessionmaker[Session], bots: dict[str, BotHandle]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], bots: dict[str, BotHandle],
+                 clock: Callable[[], dt.datetime] | None = None) -> None:
         self.sessions = sessions
         self.bots = bots
+        self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self.pacers = {
             name: Pacer(h.settings.chat_interval_seconds, h.settings.bot_interval_seconds)
             for name, h in bots.items()
@@ -520,13 +525,28 @@ class TelegramSender:
         steps += [("file", f) for f in payload.get("attachments", [])]
         done = int(payload.get("done", 0))
         sent = done
+        migrated = False
         try:
             for kind, value in steps[done:]:
-                await self.pacers[handle.settings.name].wait(chat_id)
-                if kind == "text":
-                    await handle.bot.send_message(chat_id, value)
-                else:
-                    await self._send_file(handle.bot, chat_id, value)
+                while True:
+                    await self.pacers[handle.settings.name].wait(chat_id)
+                    try:
+                        if kind == "text":
+                            await handle.bot.send_message(chat_id, value)
+                        else:
+                            await self._send_file(handle.bot, chat_id, value)
+                    except ChatMigrated as exc:
+                        if migrated:
+                            raise  # moved twice in one delivery: retried later, as any error
+                        # The group became a supergroup, with a new chat id; the old one
+                        # is dead for good. Move the chat's tickets there and send again.
+                        new_id = int(exc.new_chat_id)
+                        await asyncio.to_thread(self._migrate, handle.settings.name,
+                                                chat_id, new_id)
+                        chat_id = payload["chat_id"] = new_id
+                        migrated = True
+                        continue
+                    break
                 sent += 1
         except RetryAfter as exc:
             raise RetryLater(f"Telegram flood control: {exc}",
@@ -539,8 +559,8 @@ class TelegramSender:
         except TelegramError as exc:
             raise DeliveryError(f"{type(exc).__name__}: {exc.message}", permanent=False) from exc
         finally:
-            if sent != done:
-                # Parts already in the chat are not sent again by a retry.
+            if sent != done or migrated:
+                # Parts already in the chat are not sent again by a retry, nor to the old chat.
                 payload["done"] = sent
                 await asyncio.to_thread(self._save_progress, item.id, payload)
         log.info("telegram %s: outbox %d (%s) delivered to chat %d in %d part(s)",
@@ -562,6 +582,30 @@ class TelegramSender:
         with self.sessions() as session:
             blob = session.get(Blob, sha256)
             return blob.data if blob is not None else None
+
+    def _migrate(self, bot: str, old: int, new: int) -> None:
+        """Point the tickets of chat `old` on `bot` at chat `new` (a group now a supergroup).
+
+        The chat is the customer (`telegram:<chat id>`), so the customer moves too:
+        the supergroup's next messages then follow up the same tickets.
+        """
+        old_key, new_key = f"telegram:{old}", f"telegram:{new}"
+        now = self.clock()
+        with self.sessions() as session, session.begin():
+            tickets = [t for t in session.scalars(
+                select(Ticket).where(Ticket.channel == "telegram", Ticket.customer == old_key))
+                if (t.channel_ref or {}).get("bot") == bot]
+            for ticket in tickets:
+                # A new dict: the JSON column does not track changes inside the old one.
+                ticket.channel_ref = {**(ticket.channel_ref or {}), "chat_id": new}
+                ticket.customer = new_key
+                session.execute(update(Participant).where(
+                    Participant.ticket_id == ticket.id, Participant.address == old_key)
+                    .values(address=new_key))
+                add_event(session, ticket, at=now, actor="system", kind="chat-migrated",
+                          data={"bot": bot, "from": old, "to": new})
+        log.info("telegram %s: chat %d became supergroup %d; %d ticket(s) moved",
+                 bot, old, new, len(tickets))
 
     def _save_progress(self, row_id: int, payload: dict[str, Any]) -> None:
         with self.sessions() as session, session.begin():

@@ -749,3 +749,28 @@ async def test_a_round_video_message_is_stored(make_daemon: MakeDaemon) -> None:
     [att] = ticket["articles"][0]["attachments"]
     assert att["content_type"] == "video/mp4" and att["size"] == len(video)
     assert att["filename"].endswith(".mp4")
+
+
+async def test_a_reply_follows_a_group_upgraded_to_a_supergroup(make_daemon: MakeDaemon) -> None:
+    d = await make_daemon()
+    cat = d.catbot
+    group, supergroup = -100456, -1009999
+    cat.message(group, "Our group needs access", chat_type="group", chat_title="Lab 7",
+                user_id=778)
+    await d.texts(cat, group, 1)
+    [note] = await d.mails_to("bob@agents.test", 1)
+    cat.migrate(group, supergroup)  # Telegram now answers 400 + migrate_to_chat_id
+    await d.agent_reply(note, "Access granted, please retry.", agent="bob@agents.test")
+    [reply] = await d.texts(cat, supergroup, 1)
+    assert "Access granted" in reply
+    await d.until(lambda: d.outbox()[-1].state == "sent", what="relay row sent")
+    [ticket] = d.tickets()
+    assert ticket["customer"] == f"telegram:{supergroup}"
+    [moved] = [e for e in ticket["events"] if e["kind"] == "chat-migrated"]
+    assert (moved["data"]["from"], moved["data"]["to"]) == (group, supergroup)
+    # The supergroup's next message follows up the same ticket.
+    cat.message(supergroup, "Works now", chat_type="supergroup", chat_title="Lab 7",
+                user_id=778)
+    await d.mails_to("bob@agents.test", 2)
+    [ticket] = d.tickets()
+    assert ticket["articles"][-1]["body"] == "Works now"

@@ -7,8 +7,8 @@ update below it; an empty queue is long-polled up to `timeout`; 409 while a
 webhook is set); setWebhook/deleteWebhook, and with a webhook set it POSTs each
 update there with the secret-token header, keeping it queued until answered
 2xx, as Telegram does; getFile and the file download; sendMessage, sendDocument,
-sendPhoto. It answers 429 with retry_after or 403 when told to
-(`fail_next`, `block`), and records every call::
+sendPhoto. It answers 429 with retry_after, 403, or 400 with migrate_to_chat_id when
+told to (`fail_next`, `block`, `migrate`), and records every call::
 
     async with BotApi() as api:
         bot = api.add_bot("123:abc", "helpbot")
@@ -81,6 +81,8 @@ class FakeBot:
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     sent: list[Sent] = field(default_factory=list)
     blocked: set[int] = field(default_factory=set)
+    # Groups upgraded to supergroups: old chat id -> new chat id.
+    migrated: dict[int, int] = field(default_factory=dict)
     failures: list[tuple[str, int, int | None]] = field(default_factory=list)
     _update_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(700001))
     _message_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -187,6 +189,10 @@ class FakeBot:
     def block(self, chat_id: int) -> None:
         """The user blocked the bot: every send to the chat gets 403."""
         self.blocked.add(chat_id)
+
+    def migrate(self, chat_id: int, new_chat_id: int) -> None:
+        """The group became a supergroup: sends to `chat_id` get 400 with migrate_to_chat_id."""
+        self.migrated[chat_id] = new_chat_id
 
     def calls(self, method: str | None = None) -> list[Call]:
         return [c for c in self.api.calls if c.bot == self.username
@@ -365,6 +371,9 @@ class BotApi:
         chat_id = int(params["chat_id"])
         if chat_id in bot.blocked:
             return _error(403, "Forbidden: bot was blocked by the user")
+        if chat_id in bot.migrated:
+            return _error(400, "Bad Request: group chat was upgraded to a supergroup chat",
+                          {"migrate_to_chat_id": bot.migrated[chat_id]})
         message: dict[str, Any] = {
             "message_id": next(bot._message_ids), "date": int(time.time()),
             "chat": {"id": chat_id, "type": "private"},
