@@ -66,6 +66,10 @@ _OPEN_STATES = ("new", "open", "pending")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# The note `_ChatPath._body` writes for a file that was too large to fetch.
+_SKIPPED_NOTE = re.compile(r"\[[^\n]* \(\d+\.\d MB\) not received: larger than \d+ MB\]")
+
+
 class NotPrepared(ValueError):
     """The adapter could not prepare the update (its files, its encoding): `encode_failed`."""
 
@@ -431,7 +435,14 @@ class _ChatPath:
             return Disposition(Outcome.IGNORED, reason="edit of an unknown message")
         ticket = article.ticket
         before = article.body
-        article.body = self._body(u.text)
+        text = u.text
+        cmd = u.command
+        if cmd is not None and cmd[0] == "new":
+            text = cmd[1]  # stored without the command, as when the message came
+        # An edit carries no files (only the caption changes): the notes of files that
+        # were not received stay.
+        notes = [p for p in before.split("\n\n") if _SKIPPED_NOTE.fullmatch(p)]
+        article.body = "\n\n".join([p for p in (text, *notes) if p])
         edit_date = u.update["edited_message"].get("edit_date")
         add_event(self.session, ticket, at=self.now, actor=ticket.customer,
                   kind="article-edited",
@@ -514,6 +525,7 @@ class _ChatPath:
         )
 
     def _body(self, text: str) -> str:
+        # Keep `_SKIPPED_NOTE` matching what is written here (edits find the notes by it).
         notes = [f"[{s.filename} ({s.size / (1024 * 1024):.1f} MB) not received: larger than "
                  f"{self.bot.max_download_bytes // (1024 * 1024)} MB]" for s in self.upd.skipped]
         return "\n\n".join([p for p in (text, *notes) if p])

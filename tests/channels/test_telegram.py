@@ -774,3 +774,27 @@ async def test_a_reply_follows_a_group_upgraded_to_a_supergroup(make_daemon: Mak
     await d.mails_to("bob@agents.test", 2)
     [ticket] = d.tickets()
     assert ticket["articles"][-1]["body"] == "Works now"
+
+
+async def test_an_edit_keeps_the_file_notes_and_drops_the_new_command(
+    make_daemon: MakeDaemon,
+) -> None:
+    d = await make_daemon()
+    bot = d.helpbot
+    iso = bot.message(DANA, caption="the ISO", declared_size=25 * 1024 * 1024,
+                      document=("disk.iso", "application/octet-stream", b"x"))
+    await d.texts(bot, DANA, 2)
+    [before] = [a["body"] for a in d.tickets()[0]["articles"]]
+    assert before.startswith("the ISO\n\n[disk.iso (25.0 MB) not received")
+    msg = {**iso["message"], "caption": "the ISO image", "edit_date": 1}
+    bot.push({"edited_message": msg})
+    await d.until(lambda: d.tickets()[0]["articles"][0]["body"] != before, what="edited")
+    assert d.tickets()[0]["articles"][0]["body"] == before.replace("the ISO", "the ISO image")
+
+    printer = bot.message(DANA, "/new Printer broken")
+    await d.texts(bot, DANA, 3)
+    assert d.tickets()[-1]["articles"][0]["body"] == "Printer broken"
+    bot.edit(printer, "/new Printer broken on floor 2")
+    await d.until(lambda: any(e["kind"] == "article-edited" for e in d.tickets()[-1]["events"]),
+                  what="edited")
+    assert d.tickets()[-1]["articles"][0]["body"] == "Printer broken on floor 2"
