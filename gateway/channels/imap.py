@@ -72,6 +72,13 @@ class ImapError(Exception):
     """The server refused a command, said BYE, went silent or dropped the connection."""
 
 
+# Sessions in which fetching one message alone may fail before it is quarantined. A
+# server that cannot deliver a message (Dovecot: "BYE FETCH failed: Internal error")
+# fails the same way every time; a few attempts tell that from a connection that
+# merely dropped at the wrong moment.
+FETCH_ATTEMPTS = 3
+
+
 # -- protocol helpers (pure) ------------------------------------------------------------
 
 
@@ -236,6 +243,8 @@ class Position:
     last_uid: int = 0
     acked_uid: int = 0
     pending_quarantine: list[int] = field(default_factory=list)
+    # UID -> (sessions whose FETCH of it failed, the last error); see ImapState.
+    fetch_failures: dict[int, tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -270,6 +279,8 @@ class _Submitted:
     batch: list[int]
     sizes: dict[int, int]
     futures: dict[int, asyncio.Future[Disposition]]
+    # UIDs given up on after FETCH_ATTEMPTS failed fetches, with why.
+    unfetchable: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -304,8 +315,8 @@ class StateStore:
         row = session.get(ImapState, self.name)
         if row is None:
             row = ImapState(name=self.name, source=self.source, last_uid=0, acked_uid=0,
-                            pending_quarantine=[], connected=False, mode="", ingested=0,
-                            failures=0)
+                            pending_quarantine=[], fetch_failures={}, connected=False,
+                            mode="", ingested=0, failures=0)
             session.add(row)
         return row
 
@@ -315,8 +326,10 @@ class StateStore:
             if row is None or row.source != self.source:
                 # Another server, user or folder under this name: its UIDs mean nothing here.
                 return Position()
+            failures = {int(uid): (int(n), str(error))
+                        for uid, (n, error) in (row.fetch_failures or {}).items()}
             return Position(row.uidvalidity, row.last_uid, row.acked_uid,
-                            list(row.pending_quarantine or []))
+                            list(row.pending_quarantine or []), failures)
 
     def record_oversized(self, uid: int, size: int, limit: int, folder: str) -> None:
         """A quarantine row for a message too large to fetch (B20: a readable reason).
@@ -333,6 +346,23 @@ class StateStore:
                 raw=b"", rcpt_tos=[], state="held",
             ))
 
+    def record_unfetchable(self, uid: int, channel_message_id: str, attempts: int,
+                           error: str, folder: str) -> None:
+        """A quarantine row for a message the server failed to deliver (B20).
+
+        Like an oversized one it has no bytes here; it stays on the server, in the
+        quarantine folder, where a person can look at it (or move it back to be
+        fetched again under a new UID).
+        """
+        with self.sessions() as session, session.begin():
+            session.add(QuarantineRow(
+                received_at=_now(), channel=Channel.EMAIL.value, source=f"imap:{self.name}",
+                stage="fetch", reason="unfetchable",
+                detail=f"UID {uid}: the server failed to deliver it in {attempts} sessions "
+                       f"(last: {error}); not ingested, moved to the IMAP folder {folder!r}",
+                channel_message_id=channel_message_id, raw=b"", rcpt_tos=[], state="held",
+            ))
+
     def save(self, position: Position | None = None, health: Health | None = None) -> None:
         with self.sessions() as session, session.begin():
             row = self._row(session)
@@ -342,6 +372,9 @@ class StateStore:
                 row.last_uid = position.last_uid
                 row.acked_uid = position.acked_uid
                 row.pending_quarantine = list(position.pending_quarantine)
+                # JSON object keys are strings.
+                row.fetch_failures = {str(uid): [n, error] for uid, (n, error)
+                                      in sorted(position.fetch_failures.items())}
             if health is not None:
                 row.connected = health.connected
                 row.mode = health.mode
@@ -384,12 +417,17 @@ class Connection:
         # SEARCH result. aioimaplib drops such a line when no NOOP is pending; IDLE
         # would then wait for the next message. So every EXISTS is noted here.
         self.exists_seen = False
+        # The text of a BYE (RFC 3501 section 7.1.5): the server's reason for closing,
+        # e.g. Dovecot's "FETCH failed: Internal error", shown with the lost connection.
+        self.bye: str | None = None
         protocol = self.client.protocol
         untagged = protocol._untagged_response
 
         def note_exists(line: bytes) -> Any:
             if _EXISTS.match(line):
                 self.exists_seen = True
+            elif line.startswith(b"* BYE"):
+                self.bye = bytes(line[2:]).decode("utf-8", "replace")
             return untagged(line)
 
         protocol._untagged_response = note_exists
@@ -428,7 +466,8 @@ class Connection:
         if not finished:
             if timed_out:
                 raise ImapError(f"{what}: no answer within {limit:g}s")
-            raise ImapError(f"{what}: connection lost")
+            said = f" (server said {self.bye})" if self.bye else ""
+            raise ImapError(f"{what}: connection lost{said}")
         try:
             return task.result()
         except (aioimaplib.AioImapException, OSError, ValueError) as exc:
@@ -753,9 +792,9 @@ class ImapChannel:
         m = self.mailbox
         wanted = [uid for uid in batch if uid in sizes and sizes[uid] <= m.max_message_size]
         bodies: dict[int, bytes] = {}
+        unfetchable: dict[int, str] = {}
         if wanted:
-            fetched = await self._fetch(conn, wanted, "(UID BODY.PEEK[])", "UID FETCH body")
-            bodies = {uid: f.body for uid, f in fetched.items() if f.body is not None}
+            bodies, unfetchable = await self._fetch_bodies(conn, position, wanted)
         self.stats.batches += 1
         self.stats.max_batch_messages = max(self.stats.max_batch_messages, len(bodies))
         self.stats.max_batch_bytes = max(self.stats.max_batch_bytes,
@@ -767,7 +806,53 @@ class ImapChannel:
             uid: asyncio.ensure_future(self.submit(self._inbound(uid, raw, position.uidvalidity)))
             for uid, raw in sorted(bodies.items())
         }
-        return _Submitted(batch, sizes, futures)
+        return _Submitted(batch, sizes, futures, unfetchable)
+
+    async def _fetch_bodies(self, conn: Connection, position: Position, wanted: list[int],
+                            ) -> tuple[dict[int, bytes], dict[int, str]]:
+        """The bodies of `wanted`, and the UIDs given up on (with why).
+
+        One FETCH for the batch, unless a message of it failed before: then one FETCH
+        per message, so a message the server cannot deliver is found and, after
+        FETCH_ATTEMPTS sessions, quarantined instead of failing the batch forever.
+        A failed FETCH usually ends the connection (Dovecot says BYE), so the counts
+        are stored before the error ends the session.
+        """
+        failures = position.fetch_failures
+        items, what = "(UID BODY.PEEK[])", "UID FETCH body"
+        if not any(uid in failures for uid in wanted):
+            try:
+                fetched = await self._fetch(conn, wanted, items, what)
+            except ImapError as exc:
+                if len(wanted) == 1:
+                    n, _ = failures.get(wanted[0], (0, ""))
+                    failures[wanted[0]] = (n + 1, str(exc))
+                else:  # which one? The next session fetches them one by one.
+                    for uid in wanted:
+                        failures[uid] = (0, str(exc))
+                await asyncio.to_thread(self.store.save, position, None)
+                raise
+            return {uid: f.body for uid, f in fetched.items() if f.body is not None}, {}
+        bodies: dict[int, bytes] = {}
+        unfetchable: dict[int, str] = {}
+        for uid in wanted:
+            n, error = failures.get(uid, (0, ""))
+            if n >= FETCH_ATTEMPTS:
+                unfetchable[uid] = error
+                continue
+            try:
+                fetched = await self._fetch(conn, [uid], items, f"UID FETCH body of UID {uid}")
+            except ImapError as exc:
+                failures[uid] = (n + 1, str(exc))
+                log.warning("%s: UID %d could not be fetched (%d of %d attempts): %s",
+                            self.name, uid, n + 1, FETCH_ATTEMPTS, exc)
+                await asyncio.to_thread(self.store.save, position, None)
+                raise
+            failures.pop(uid, None)  # delivered: it was only in a failed batch
+            body = fetched[uid].body if uid in fetched else None
+            if body is not None:
+                bodies[uid] = body
+        return bodies, unfetchable
 
     async def _settle(self, position: Position, sub: _Submitted) -> _Ack:
         """Wait for the batch's commits and store how far they got (acknowledged later)."""
@@ -794,12 +879,26 @@ class ImapChannel:
                 await asyncio.to_thread(self.store.record_oversized, uid, sub.sizes[uid],
                                         m.max_message_size, m.quarantine_folder)
                 quarantined.append(uid)
+            elif uid in sub.unfetchable:
+                attempts = position.fetch_failures.get(uid, (FETCH_ATTEMPTS, ""))[0]
+                log.error("%s: UID %d could not be fetched in %d sessions (last: %s); "
+                          "moved to %s", self.name, uid, attempts, sub.unfetchable[uid],
+                          m.quarantine_folder)
+                assert position.uidvalidity is not None
+                await asyncio.to_thread(
+                    self.store.record_unfetchable, uid,
+                    self._channel_message_id(uid, position.uidvalidity), attempts,
+                    sub.unfetchable[uid], m.quarantine_folder)
+                quarantined.append(uid)
             else:
                 log.info("%s: UID %d vanished before it was fetched", self.name, uid)
             through = uid
         if through > position.last_uid:
             position.last_uid = through
             position.pending_quarantine = quarantined
+            # Failures of UIDs now behind the position are settled (quarantined or gone).
+            position.fetch_failures = {uid: v for uid, v in position.fetch_failures.items()
+                                       if uid > through}
             await asyncio.to_thread(self.store.save, position, None)
         return _Ack(through, done, quarantined, failure)
 
@@ -829,8 +928,11 @@ class ImapChannel:
             channel=Channel.EMAIL, raw=raw, received_at=_now(), source=self.name,
             # IMAP has no envelope (DESIGN: mail_from None); the mailbox's address decides.
             mail_from=None, rcpt_tos=self._recipients(raw),
-            channel_message_id=f"{self.name}:{uidvalidity}:{uid}",
+            channel_message_id=self._channel_message_id(uid, uidvalidity),
         )
+
+    def _channel_message_id(self, uid: int, uidvalidity: int) -> str:
+        return f"{self.name}:{uidvalidity}:{uid}"
 
     def _recipients(self, raw: bytes) -> tuple[str, ...]:
         """The mailbox's address, plus any of its `+` sub-addresses the headers name.

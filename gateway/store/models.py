@@ -317,6 +317,10 @@ class ImapState(Base):
     one moved or flagged; between them lie messages to acknowledge after a crash
     (`pending_quarantine` lists those that go to the quarantine folder). UIDs mean
     nothing under another UIDVALIDITY or `source` (server, user, folder).
+    `fetch_failures` maps a UID above `last_uid` whose FETCH failed to
+    `[sessions it failed in, the last error]` (migration 0005_imap_fetch): it must
+    outlive the connection the failure broke, so that one unreadable message is
+    quarantined after a few sessions instead of jamming the mailbox.
     """
 
     __tablename__ = "imap_state"
@@ -327,6 +331,7 @@ class ImapState(Base):
     last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     acked_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     pending_quarantine: Mapped[list[int]] = mapped_column(JSON, default=list)
+    fetch_failures: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     connected: Mapped[bool] = mapped_column(default=False)
     mode: Mapped[str] = mapped_column(String(16), default="")  # idle | poll | ""
     ingested: Mapped[int] = mapped_column(BigInteger, default=0)

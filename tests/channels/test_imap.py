@@ -512,6 +512,46 @@ async def test_bad_and_oversized_messages_are_moved_to_quarantine(
     assert await folder_count(dovecot, "INBOX") == 0
 
 
+def _make_unreadable(root: Path, marker: bytes) -> None:
+    """Make the maildir file holding `marker` unreadable to Dovecot (which runs
+    unprivileged): the server then answers a FETCH of its body with BYE."""
+    [path] = [p for p in (root / "mail" / "help").glob("*/*")
+              if p.parent.name in ("new", "cur") and marker in p.read_bytes()]
+    path.chmod(0)
+
+
+@needs_dovecot
+async def test_a_message_the_server_cannot_deliver_does_not_jam_the_mailbox(
+    tmp_path: Path, db_url: str, dovecot_root: Path, dovecot: Dovecot, sink: SmtpSink,
+    clock: Clock,
+) -> None:
+    # Dovecot answers the FETCH of an unreadable message with "BYE FETCH failed:
+    # Internal error", every time. The batch is retried one message at a time, and the
+    # culprit, after failing in FETCH_ATTEMPTS sessions, is quarantined; the rest of
+    # the batch (and what follows it) is ingested.
+    await asyncio.to_thread(
+        dovecot.append, "help", make_mail("fine 0", message_id="<fine-0@users.test>"),
+        make_mail("broken", message_id="<broken@users.test>"),
+        *[make_mail(f"fine {i}", message_id=f"<fine-{i}@users.test>") for i in (1, 2)])
+    _make_unreadable(dovecot_root, b"<broken@users.test>")
+    settings = make_settings(tmp_path, db_url, mailbox(dovecot))
+    async with running(settings, sink, clock) as app:
+        await wait_until(lambda: state(app).acked_uid == 4, "the four messages")
+        assert [t.subject for t in tickets(app)] == ["fine 0", "fine 1", "fine 2"]
+        with app.sessions() as s:
+            [row] = s.scalars(select(QuarantineRow))
+        assert (row.stage, row.reason, row.source) == ("fetch", "unfetchable", "imap:help")
+        assert row.channel_message_id is not None and row.channel_message_id.endswith(":2")
+        # Readable: which message, how often, and the server's own words.
+        assert "UID 2" in row.detail and "3 sessions" in row.detail
+        assert "FETCH failed" in row.detail and "Quarantine" in row.detail
+        assert "server said BYE FETCH failed" in (state(app).last_error or "")
+        assert state(app).fetch_failures == {}  # settled, nothing left to count
+    assert await folder_count(dovecot, "Quarantine") == 1
+    assert await folder_count(dovecot, "Processed") == 3
+    assert await folder_count(dovecot, "INBOX") == 0
+
+
 @needs_dovecot
 async def test_two_mailboxes_two_groups_and_a_failing_one(
     tmp_path: Path, db_url: str, dovecot: Dovecot, sink: SmtpSink, clock: Clock,
