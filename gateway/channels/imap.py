@@ -48,6 +48,7 @@ from email.utils import getaddresses
 from typing import Any, TypeVar
 
 import aioimaplib
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.channels import Submit
@@ -281,6 +282,8 @@ class _Submitted:
     futures: dict[int, asyncio.Future[Disposition]]
     # UIDs given up on after FETCH_ATTEMPTS failed fetches, with why.
     unfetchable: dict[int, str] = field(default_factory=dict)
+    # UIDs fetched again whose message already has a held quarantine row.
+    held: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -331,19 +334,38 @@ class StateStore:
             return Position(row.uidvalidity, row.last_uid, row.acked_uid,
                             list(row.pending_quarantine or []), failures)
 
-    def record_oversized(self, uid: int, size: int, limit: int, folder: str) -> None:
+    def held(self, channel_message_ids: Iterable[str]) -> set[str]:
+        """Which of these messages already have a held quarantine row.
+
+        The pipeline records no dedup key for what it quarantines (the savepoint that
+        failed is rolled back), so a message fetched again -- after a crash before
+        the position was stored, or a failed move -- would be quarantined once more.
+        A row `helpdeskd quarantine retry` took back (state "retried") does not count.
+        """
+        ids = list(channel_message_ids)
+        if not ids:
+            return set()
+        with self.sessions() as session:
+            return set(session.scalars(select(QuarantineRow.channel_message_id).where(
+                QuarantineRow.state == "held",
+                QuarantineRow.channel_message_id.in_(ids))))
+
+    def record_oversized(self, uid: int, channel_message_id: str, size: int, limit: int,
+                         folder: str) -> None:
         """A quarantine row for a message too large to fetch (B20: a readable reason).
 
         The message itself stays on the server, in the quarantine folder; the row
-        carries no bytes, only where to find it.
+        carries no bytes, only where to find it. Not recorded twice for one UID.
         """
+        if self.held([channel_message_id]):
+            return
         with self.sessions() as session, session.begin():
             session.add(QuarantineRow(
                 received_at=_now(), channel=Channel.EMAIL.value, source=f"imap:{self.name}",
                 stage="fetch", reason="too-large",
                 detail=f"UID {uid} is {size} bytes, over max_message_size {limit}; "
                        f"not fetched, moved to the IMAP folder {folder!r}",
-                raw=b"", rcpt_tos=[], state="held",
+                channel_message_id=channel_message_id, raw=b"", rcpt_tos=[], state="held",
             ))
 
     def record_unfetchable(self, uid: int, channel_message_id: str, attempts: int,
@@ -352,8 +374,10 @@ class StateStore:
 
         Like an oversized one it has no bytes here; it stays on the server, in the
         quarantine folder, where a person can look at it (or move it back to be
-        fetched again under a new UID).
+        fetched again under a new UID). Not recorded twice for one UID.
         """
+        if self.held([channel_message_id]):
+            return
         with self.sessions() as session, session.begin():
             session.add(QuarantineRow(
                 received_at=_now(), channel=Channel.EMAIL.value, source=f"imap:{self.name}",
@@ -802,11 +826,19 @@ class ImapChannel:
         self.stats.largest_message = max([self.stats.largest_message,
                                           *(len(b) for b in bodies.values())])
         assert position.uidvalidity is not None
+        inbounds = {uid: self._inbound(uid, raw, position.uidvalidity)
+                    for uid, raw in sorted(bodies.items())}
+        # The previous batch is settled (committed) before this one is fetched, so
+        # every row a re-fetched message could have is visible here.
+        held_ids = await asyncio.to_thread(
+            self.store.held, [i.channel_message_id for i in inbounds.values()
+                              if i.channel_message_id])
+        held = [uid for uid, i in inbounds.items() if i.channel_message_id in held_ids]
         futures: dict[int, asyncio.Future[Disposition]] = {
-            uid: asyncio.ensure_future(self.submit(self._inbound(uid, raw, position.uidvalidity)))
-            for uid, raw in sorted(bodies.items())
+            uid: asyncio.ensure_future(self.submit(inbound))
+            for uid, inbound in inbounds.items() if uid not in held
         }
-        return _Submitted(batch, sizes, futures, unfetchable)
+        return _Submitted(batch, sizes, futures, unfetchable, held)
 
     async def _fetch_bodies(self, conn: Connection, position: Position, wanted: list[int],
                             ) -> tuple[dict[int, bytes], dict[int, str]]:
@@ -872,12 +904,19 @@ class ImapChannel:
                     break
                 outcome = sub.futures[uid].result().outcome
                 (quarantined if outcome == Outcome.QUARANTINED else done).append(uid)
+            elif uid in sub.held:
+                log.info("%s: UID %d is in quarantine already; not ingested again, "
+                         "moved to %s", self.name, uid, m.quarantine_folder)
+                quarantined.append(uid)
             elif uid in sub.sizes and sub.sizes[uid] > m.max_message_size:
                 log.error("%s: UID %d is %d bytes, over max_message_size %d; not fetched, "
                           "moved to %s", self.name, uid, sub.sizes[uid], m.max_message_size,
                           m.quarantine_folder)
-                await asyncio.to_thread(self.store.record_oversized, uid, sub.sizes[uid],
-                                        m.max_message_size, m.quarantine_folder)
+                assert position.uidvalidity is not None
+                await asyncio.to_thread(
+                    self.store.record_oversized, uid,
+                    self._channel_message_id(uid, position.uidvalidity), sub.sizes[uid],
+                    m.max_message_size, m.quarantine_folder)
                 quarantined.append(uid)
             elif uid in sub.unfetchable:
                 attempts = position.fetch_failures.get(uid, (FETCH_ATTEMPTS, ""))[0]

@@ -296,7 +296,10 @@ class QuarantineRow(Base):
     message_id: Mapped[str | None] = mapped_column(Clipped(998))
     mail_from: Mapped[str | None] = mapped_column(Clipped(320))
     rcpt_tos: Mapped[list[str]] = mapped_column(JSON, default=list)
-    channel_message_id: Mapped[str | None] = mapped_column(Clipped(200))
+    # Indexed (migration 0006_quarantine_cmid): the IMAP channel asks, per batch,
+    # which of its messages are held here already, so a re-fetch is not quarantined
+    # twice.
+    channel_message_id: Mapped[str | None] = mapped_column(Clipped(200), index=True)
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     state: Mapped[str] = mapped_column(String(16), default="held")  # held | retried
 

@@ -42,7 +42,7 @@ from gateway.channels.imap import (
 from gateway.config import ConfigError, Settings, parse_settings
 from gateway.daemon import App
 from gateway.mail.transport import SmtpTransport
-from gateway.message import Inbound
+from gateway.message import Channel, Inbound
 from gateway.pipeline import Disposition
 from gateway.store.models import ImapState, MessageId, QuarantineRow, Ticket
 
@@ -396,6 +396,80 @@ async def test_crash_between_commit_and_move_neither_loses_nor_duplicates(
         assert count(app, Ticket) == 10  # the five committed ones came back as duplicates
     assert await folder_count(dovecot, "Processed") == 10
     assert await folder_count(dovecot, "INBOX") == 0
+
+
+@needs_dovecot
+async def test_a_quarantined_message_fetched_again_is_not_quarantined_twice(
+    tmp_path: Path, db_url: str, dovecot: Dovecot, sink: SmtpSink, clock: Clock,
+) -> None:
+    # The pipeline stores no dedup key for what it quarantines, so a message fetched
+    # again (the crash window between the intake's commit and the stored position)
+    # must be recognised by its held quarantine row.
+    await asyncio.to_thread(
+        dovecot.append, "help", make_mail("flaky", message_id="<flaky@users.test>"),
+        *_messages(2, "ok"))
+    settings = make_settings(tmp_path, db_url, mailbox(dovecot, batch_size=5))
+    committed: list[Disposition] = []
+
+    def break_routing(app: App) -> None:
+        # A fault that quarantines "flaky" every time (stage "pipeline"), until fixed.
+        original = app.intake.pipeline._ingest_mail
+
+        def ingest_mail(session: Any, inbound: Inbound, mail: Any, now: Any) -> Any:
+            if mail.subject == "flaky":
+                raise RuntimeError("routing broke")
+            return original(session, inbound, mail, now)
+
+        app.intake.pipeline._ingest_mail = ingest_mail  # type: ignore[method-assign]
+
+    def crash_after_three(app: App) -> Callable[[Inbound], Awaitable[Disposition]]:
+        break_routing(app)
+        original = app.submit
+
+        async def submit(inbound: Inbound) -> Disposition:
+            result = await original(inbound)
+            committed.append(result)
+            if len(committed) == 3:  # committed, position not stored: the daemon dies
+                task = channel(app)._task
+                assert task is not None
+                task.cancel()
+            return result
+
+        return submit
+
+    def still_broken(app: App) -> Callable[[Inbound], Awaitable[Disposition]]:
+        break_routing(app)
+        return app.submit
+
+    async with running(settings, sink, clock, submit=crash_after_three) as app:
+        await wait_until(lambda: len(committed) == 3, "the batch's commits")
+        assert count(app, QuarantineRow) == 1 and state(app).last_uid == 0
+    async with running(settings, sink, clock, submit=still_broken) as app:
+        await wait_until(lambda: state(app).acked_uid == 3, "the re-fetch")
+        assert count(app, Ticket) == 2  # the two good ones were duplicates (B9)
+        with app.sessions() as s:
+            [row] = s.scalars(select(QuarantineRow))  # not a second row
+        assert (row.stage, row.state) == ("pipeline", "held")
+        # An oversized message's row is not recorded twice for one UID either.
+        store = channel(app).store
+        for _ in range(2):
+            await asyncio.to_thread(store.record_oversized, 9, "imap:help:1:9", 5000, 4000,
+                                    "Quarantine")
+        assert count(app, QuarantineRow) == 2
+    assert await folder_count(dovecot, "Quarantine") == 1
+    assert await folder_count(dovecot, "Processed") == 2
+    # Fixed: `helpdeskd quarantine retry` (which ingests the stored row) still takes it.
+    app = App(settings, clock=clock)
+    try:
+        with app.sessions() as s:
+            q = s.get(QuarantineRow, row.id)
+            assert q is not None
+            inbound = Inbound(Channel(q.channel), q.raw, q.received_at, f"quarantine:{q.id}",
+                              q.mail_from, tuple(q.rcpt_tos), q.channel_message_id)
+        result = await asyncio.to_thread(app.intake.ingest_now, inbound)
+        assert result.outcome.value == "created"
+    finally:
+        app.engine.dispose()
 
 
 @needs_dovecot
