@@ -196,7 +196,7 @@ class Pipeline:
                 mail = parse_mail(inbound.raw)
         mid = mail.message_id
         # Mail without Message-ID (scripts) is deduplicated only by its channel's own id
-        # (an IMAP mailbox's UIDVALIDITY:UID), so a re-fetch after a crash is a no-op.
+        # (an IMAP mailbox's SHA-256 of the bytes), so a re-fetch is a no-op.
         key = mid or inbound.channel_message_id
         pending = pending_of(session)
         if pending is not None and self._reads_pending(pending, mail):

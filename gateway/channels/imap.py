@@ -20,7 +20,9 @@ Exactly once, tracked by UIDVALIDITY + UID (RFC 3501 section 2.3.1.1), never by
    quarantined moved to `quarantine_folder`, then `acked_uid` is stored. A crash
    between the steps is repaired at the next connect from those two numbers; a
    crash between the intake's commit and storing `last_uid` re-fetches the
-   message, and the Message-ID dedup makes that a no-op.
+   message, and the Message-ID dedup (without one: the SHA-256 of its bytes in
+   this mailbox) makes that a no-op; a held quarantine row makes a quarantined
+   message one too.
 
 Every IMAP call runs under `asyncio.timeout` and races the connection's loss
 (aioimaplib never completes a command whose connection dropped). Any error, BYE
@@ -37,6 +39,7 @@ import base64
 import contextlib
 import datetime as dt
 import email.policy
+import hashlib
 import logging
 import random
 import re
@@ -825,9 +828,7 @@ class ImapChannel:
                                          sum(len(b) for b in bodies.values()))
         self.stats.largest_message = max([self.stats.largest_message,
                                           *(len(b) for b in bodies.values())])
-        assert position.uidvalidity is not None
-        inbounds = {uid: self._inbound(uid, raw, position.uidvalidity)
-                    for uid, raw in sorted(bodies.items())}
+        inbounds = {uid: self._inbound(raw) for uid, raw in sorted(bodies.items())}
         # The previous batch is settled (committed) before this one is fetched, so
         # every row a re-fetched message could have is visible here.
         held_ids = await asyncio.to_thread(
@@ -962,15 +963,28 @@ class ImapChannel:
         position.pending_quarantine = []
         self.health.ingested += len(ack.done) + len(ack.quarantined)
 
-    def _inbound(self, uid: int, raw: bytes, uidvalidity: int) -> Inbound:
+    def _inbound(self, raw: bytes) -> Inbound:
         return Inbound(
             channel=Channel.EMAIL, raw=raw, received_at=_now(), source=self.name,
             # IMAP has no envelope (DESIGN: mail_from None); the mailbox's address decides.
             mail_from=None, rcpt_tos=self._recipients(raw),
-            channel_message_id=self._channel_message_id(uid, uidvalidity),
+            channel_message_id=self._content_id(raw),
         )
 
+    def _content_id(self, raw: bytes) -> str:
+        """The message's own id in this mailbox: the SHA-256 of its bytes.
+
+        The dedup key of mail without Message-ID, and how a held quarantine row is
+        recognised. Not UIDVALIDITY:UID: after a UIDVALIDITY change the folder is
+        rescanned, every message gets a new UID, and such mail would become a second
+        ticket. Byte-identical mail in one mailbox is taken for the same delivery (a
+        real second delivery differs at least in its Received or Delivered-To lines).
+        """
+        return f"{self.name}:sha256:{hashlib.sha256(raw).hexdigest()}"
+
     def _channel_message_id(self, uid: int, uidvalidity: int) -> str:
+        """The id of a message that was not fetched (oversized, unfetchable): no
+        bytes to hash, so its UID, valid under this UIDVALIDITY only."""
         return f"{self.name}:{uidvalidity}:{uid}"
 
     def _recipients(self, raw: bytes) -> tuple[str, ...]:

@@ -357,6 +357,38 @@ async def test_uidvalidity_change_rescans_the_folder(
     assert await folder_count(dovecot, "Processed") == 5
 
 
+@needs_dovecot
+async def test_uidvalidity_change_does_not_duplicate_mail_without_message_id(
+    tmp_path: Path, db_url: str, dovecot: Dovecot, sink: SmtpSink, clock: Clock,
+) -> None:
+    # Flag mode keeps the mail in the folder; a restore recreates the folder with the
+    # same bytes under a new UIDVALIDITY. Mail without Message-ID (scripts) is keyed on
+    # its bytes in this mailbox, not on UIDVALIDITY:UID, so the rescan ingests it once.
+    await asyncio.to_thread(dovecot.create, "help", "Support")
+    await asyncio.to_thread(dovecot.append, "help", make_mail("script alert", message_id=None),
+                            b"no header here, just words\r\n", folder="Support")
+    settings = make_settings(tmp_path, db_url, mailbox(dovecot, folder="Support", after="flag"))
+    async with running(settings, sink, clock) as app:
+        await wait_until(lambda: state(app).acked_uid == 2, "the first ingest")
+        before = state(app).uidvalidity
+        assert count(app, Ticket) == 1 and count(app, QuarantineRow) == 1
+    # A restore from before the quarantined one was moved out brings it back too.
+    kept = [raw for _, raw in await asyncio.to_thread(dovecot.messages, "help", "Support")]
+    assert len(kept) == 1
+    await asyncio.to_thread(dovecot.delete, "help", "Support")
+    await asyncio.to_thread(dovecot.create, "help", "Support")
+    await asyncio.to_thread(dovecot.append, "help", *kept, b"no header here, just words\r\n",
+                            make_mail("another alert", message_id=None), folder="Support")
+    after = await asyncio.to_thread(dovecot.uidvalidity, "help", "Support")
+    assert after != before
+    async with running(settings, sink, clock) as app:
+        await wait_until(lambda: state(app).uidvalidity == after
+                         and state(app).acked_uid == 3, "the rescan")
+        assert [t.subject for t in tickets(app)] == ["script alert", "another alert"]
+        # The quarantined one is recognised by its bytes too: not held a second time.
+        assert count(app, QuarantineRow) == 1
+
+
 def _messages(n: int, tag: str) -> list[bytes]:
     return [make_mail(f"{tag} {i}", message_id=f"<{tag}-{i}@users.test>") for i in range(n)]
 
