@@ -126,6 +126,39 @@ def uid_set(uids: Iterable[int]) -> str:
     return ",".join(parts)
 
 
+def _ranges(uids: str) -> list[tuple[int, int]]:
+    """The (low, high) ranges of a UID set without `*` ("3:5,7" -> [(3, 5), (7, 7)])."""
+    found: list[tuple[int, int]] = []
+    for piece in uids.split(","):
+        low, _, high = piece.partition(":")
+        a, b = int(low), int(high or low)
+        found.append((min(a, b), max(a, b)))
+    return found
+
+
+def uid_set_without(uids: str, taken: Iterable[str]) -> str | None:
+    """`uids` minus every UID in the sets `taken`, as a UID set; None if nothing is left.
+
+    Works on ranges, never on single UIDs: a range such as "4:900000" names far
+    more UIDs than exist.
+    """
+    left = _ranges(uids)
+    for cut_low, cut_high in (r for t in taken for r in _ranges(t)):
+        kept: list[tuple[int, int]] = []
+        for low, high in left:
+            if cut_high < low or high < cut_low:
+                kept.append((low, high))
+                continue
+            if low < cut_low:
+                kept.append((low, cut_low - 1))
+            if cut_high < high:
+                kept.append((cut_high + 1, high))
+        left = kept
+    if not left:
+        return None
+    return ",".join(f"{a}:{b}" if a != b else str(a) for a, b in sorted(left))
+
+
 def _text(lines: Sequence[Any]) -> str:
     last = lines[-1] if lines else b""
     return bytes(last).decode("utf-8", "replace") if isinstance(last, bytes | bytearray) else ""
@@ -249,6 +282,8 @@ class Position:
     pending_quarantine: list[int] = field(default_factory=list)
     # UID -> (sessions whose FETCH of it failed, the last error); see ImapState.
     fetch_failures: dict[int, tuple[int, str]] = field(default_factory=dict)
+    # UID sets above acked_uid already copied (servers without MOVE); see ImapState.
+    copied: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -321,7 +356,8 @@ class StateStore:
         row = session.get(ImapState, self.name)
         if row is None:
             row = ImapState(name=self.name, source=self.source, last_uid=0, acked_uid=0,
-                            pending_quarantine=[], fetch_failures={}, connected=False,
+                            pending_quarantine=[], fetch_failures={}, copied_uids=[],
+                            connected=False,
                             mode="", ingested=0, failures=0)
             session.add(row)
         return row
@@ -335,7 +371,8 @@ class StateStore:
             failures = {int(uid): (int(n), str(error))
                         for uid, (n, error) in (row.fetch_failures or {}).items()}
             return Position(row.uidvalidity, row.last_uid, row.acked_uid,
-                            list(row.pending_quarantine or []), failures)
+                            list(row.pending_quarantine or []), failures,
+                            list(row.copied_uids or []))
 
     def held(self, channel_message_ids: Iterable[str]) -> set[str]:
         """Which of these messages already have a held quarantine row.
@@ -402,6 +439,7 @@ class StateStore:
                 # JSON object keys are strings.
                 row.fetch_failures = {str(uid): [n, error] for uid, (n, error)
                                       in sorted(position.fetch_failures.items())}
+                row.copied_uids = list(position.copied)
             if health is not None:
                 row.connected = health.connected
                 row.mode = health.mode
@@ -948,7 +986,7 @@ class ImapChannel:
         if ack.through <= position.acked_uid:
             return
         try:
-            await self._acknowledge(conn, uid_set(ack.done) if ack.done else None,
+            await self._acknowledge(conn, position, uid_set(ack.done) if ack.done else None,
                                     ack.quarantined)
         except BaseException:
             if meanwhile is not None:
@@ -961,6 +999,7 @@ class ImapChannel:
         # before that acknowledges this batch once more, which changes nothing.
         position.acked_uid = ack.through
         position.pending_quarantine = []
+        position.copied = []  # all of it at or below acked_uid now
         self.health.ingested += len(ack.done) + len(ack.quarantined)
 
     def _inbound(self, raw: bytes) -> Inbound:
@@ -1029,37 +1068,50 @@ class ImapChannel:
     async def _finish_acknowledgement(self, conn: Connection, position: Position) -> None:
         log.warning("%s: acknowledging UIDs %d:%d committed before an interruption",
                     self.name, position.acked_uid + 1, position.last_uid)
-        await self._acknowledge(conn, f"{position.acked_uid + 1}:{position.last_uid}",
+        await self._acknowledge(conn, position,
+                                f"{position.acked_uid + 1}:{position.last_uid}",
                                 position.pending_quarantine)
         position.acked_uid = position.last_uid
         position.pending_quarantine = []
+        position.copied = []
         await asyncio.to_thread(self.store.save, position, None)
 
-    async def _acknowledge(self, conn: Connection, done: str | None,
+    async def _acknowledge(self, conn: Connection, position: Position, done: str | None,
                            quarantined: Sequence[int]) -> None:
         if quarantined:
-            await self._move(conn, uid_set(quarantined), self.mailbox.quarantine_folder)
+            await self._move(conn, position, uid_set(quarantined),
+                             self.mailbox.quarantine_folder)
         if done is None:
             return
         if self.mailbox.after == "move":
-            await self._move(conn, done, self.mailbox.done_folder)
+            await self._move(conn, position, done, self.mailbox.done_folder)
         else:
             check(await conn.call(
                 conn.client.uid("store", done, "+FLAGS.SILENT", r"(\Seen)"), "UID STORE"),
                 "UID STORE")
 
-    async def _move(self, conn: Connection, uids: str, folder: str) -> None:
+    async def _move(self, conn: Connection, position: Position, uids: str,
+                    folder: str) -> None:
         """Move `uids` to `folder`, creating it when the server says it is missing.
 
         A UID set names messages that may be gone already; RFC 3501 section 6.4.8
-        ignores non-existent UIDs, so repeating a move after a crash is harmless."""
+        ignores non-existent UIDs, so repeating a move after a crash is harmless.
+        Without MOVE, a COPY is not: the copies would be made twice. So what was
+        copied is stored (`position.copied`) before the originals are marked and
+        expunged, and a repeat only marks and expunges those."""
         target = mailbox_name(folder)
         caps = conn.capabilities
+        to_copy: str | None = uids
+        if "MOVE" not in caps:
+            to_copy = uid_set_without(uids, position.copied)
         for attempt in range(2):
+            if to_copy is None:  # copied before an interruption
+                break
             if "MOVE" in caps:  # RFC 6851
                 response = await conn.call(conn.client.uid("move", uids, target), "UID MOVE")
             else:
-                response = await conn.call(conn.client.uid("copy", uids, target), "UID COPY")
+                response = await conn.call(conn.client.uid("copy", to_copy, target),
+                                           "UID COPY")
             if response.result == "OK":
                 break
             if attempt == 0 and await self._create_missing(conn, folder):
@@ -1067,6 +1119,11 @@ class ImapChannel:
             check(response, f"moving to {folder}")
         if "MOVE" in caps:
             return
+        if to_copy is not None:
+            # Durable before the next step: a connection lost after this point leaves
+            # only the marking and expunging to do.
+            position.copied.append(to_copy)
+            await asyncio.to_thread(self.store.save, position, None)
         check(await conn.call(conn.client.uid("store", uids, "+FLAGS.SILENT", r"(\Deleted)"),
                               "UID STORE"), "UID STORE")
         if "UIDPLUS" in caps:

@@ -324,6 +324,10 @@ class ImapState(Base):
     `[sessions it failed in, the last error]` (migration 0005_imap_fetch): it must
     outlive the connection the failure broke, so that one unreadable message is
     quarantined after a few sessions instead of jamming the mailbox.
+    `copied_uids` lists the UID sets above `acked_uid` already copied to their folder
+    on a server without MOVE (migration 0007_imap_copied), so that finishing an
+    interrupted acknowledgement only marks and expunges them instead of copying
+    them twice.
     """
 
     __tablename__ = "imap_state"
@@ -335,6 +339,7 @@ class ImapState(Base):
     acked_uid: Mapped[int] = mapped_column(BigInteger, default=0)
     pending_quarantine: Mapped[list[int]] = mapped_column(JSON, default=list)
     fetch_failures: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    copied_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
     connected: Mapped[bool] = mapped_column(default=False)
     mode: Mapped[str] = mapped_column(String(16), default="")  # idle | poll | ""
     ingested: Mapped[int] = mapped_column(BigInteger, default=0)

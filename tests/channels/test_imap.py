@@ -32,12 +32,14 @@ from gateway import cli
 from gateway.channels.imap import (
     Connection,
     ImapChannel,
+    ImapError,
     backoff_delay,
     mailbox_name,
     parse_fetch,
     parse_search,
     plan_batches,
     uid_set,
+    uid_set_without,
 )
 from gateway.config import ConfigError, Settings, parse_settings
 from gateway.daemon import App
@@ -278,6 +280,40 @@ async def test_polling_when_idle_and_move_are_not_offered(
             inbound = s.scalar(select(func.count()).select_from(MessageId)
                                .where(MessageId.direction == "in"))
         assert inbound == 3
+
+
+@needs_dovecot
+async def test_copy_fallback_interrupted_after_the_copy_copies_once(
+    tmp_path: Path, db_url: str, dovecot_root: Path, sink: SmtpSink, clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without MOVE: UID COPY answered OK, then the connection drops before STORE
+    # \Deleted and UID EXPUNGE. The recovery must only mark and expunge: a second
+    # COPY would leave every message twice in the done folder.
+    original = Connection.call
+    dropped = asyncio.Event()
+
+    async def call(self: Connection, awaitable: Awaitable[Any], what: str,
+                   within: float | None = None) -> Any:
+        if what == "UID STORE" and not dropped.is_set():
+            dropped.set()
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()  # never sent
+            self.client.protocol.transport.close()
+            raise ImapError("UID STORE: connection lost")
+        return await original(self, awaitable, what, within)
+
+    monkeypatch.setattr(Connection, "call", call)
+    with Dovecot(dovecot_root, capability="IMAP4rev1 UIDPLUS IDLE LITERAL+") as server:
+        await asyncio.to_thread(server.append, "help", *_messages(3, "copy"))
+        settings = make_settings(tmp_path, db_url, mailbox(server))
+        async with running(settings, sink, clock) as app:
+            await wait_until(lambda: dropped.is_set() and state(app).acked_uid == 3,
+                             "the interrupted acknowledgement to be finished")
+            assert count(app, Ticket) == 3 and state(app).copied_uids == []
+            assert channel(app).stats.connects >= 2
+        assert await folder_count(server, "Processed") == 3
+        assert await folder_count(server, "INBOX") == 0
 
 
 @needs_dovecot
@@ -901,6 +937,13 @@ def test_mailbox_name_modified_utf7() -> None:
 def test_uid_set() -> None:
     assert uid_set([9, 3, 4, 5, 12, 13, 7]) == "3:5,7,9,12:13"
     assert uid_set([1]) == "1"
+
+
+def test_uid_set_without() -> None:
+    assert uid_set_without("4:900000", ["5", "7:8"]) == "4,6,9:900000"
+    assert uid_set_without("3:5,7", ["1:4", "7"]) == "5"
+    assert uid_set_without("3:5", ["3:5"]) is None
+    assert uid_set_without("3:5", []) == "3:5"
 
 
 def test_parse_fetch_and_search() -> None:
