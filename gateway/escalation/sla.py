@@ -41,6 +41,11 @@ Documented choices (each pinned by a test in ``tests/escalation``):
   start (or the reminder time). An alarm has fired when the ticket's fired map
   holds its key with the same cycle; a new cycle (a new agent reply, a new group)
   arms the alarm again, and a recomputation within one cycle never re-fires it.
+  Pausing (``pending``) or stopping (``closed``) a clock keeps its start, so its
+  fired marks are kept too: reopening resumes the same cycle and a warning or
+  breach that already fired stays fired. Likewise a wait for the customer keeps
+  its fired reminders while the same pause lasts (through ``#pending <time>`` or
+  ``closed`` and back to ``#pending``).
 * **Waiting for the customer** (``pending`` without a time): a first reminder
   after N working days, a second M working days later, closing as unsolved K
   working days after that, counted from the later of the pause start and the
@@ -84,6 +89,9 @@ Clock = Literal["first_response", "update", "solution"]
 CLOCKS: Final[tuple[Clock, ...]] = ("first_response", "update", "solution")
 # States in which no SLA clock runs. "closed" stops them; reopening resumes them.
 PAUSED_STATES: Final = frozenset({"pending", "closed"})
+
+#: The alarm keys of a wait for the customer, in order.
+WAITING_KEYS: Final = ("waiting:reminder1", "waiting:reminder2", "waiting:close")
 
 CLOCK_TITLES: Final[Mapping[str, str]] = {
     "first_response": "first response",
@@ -407,6 +415,16 @@ def waiting_since(facts: Facts) -> datetime | None:
     """When the current wait for the customer began (None unless pending without a time)."""
     if facts.state != "pending" or facts.pending_until is not None:
         return None
+    return _pause_cycle_start(facts)
+
+
+def _pause_cycle_start(facts: Facts) -> datetime | None:
+    """The start of the wait the open pause would be: the later of its start and the last
+    public agent reply; None when no pause is open.
+
+    `waiting_since` while pending without a time; otherwise the cycle whose fired waiting
+    marks are kept while the same pause lasts (``#pending <time>``, ``closed``).
+    """
     open_pause = next((p for p in reversed(facts.pauses) if p.end is None), None)
     if open_pause is None:
         return None
@@ -421,9 +439,9 @@ def waiting_alarms(waiting: WaitingPolicy, since: datetime) -> list[Alarm]:
     alarms: list[Alarm] = []
     cursor = since
     steps: tuple[tuple[str, AlarmKind, int], ...] = (
-        ("waiting:reminder1", "reminder", waiting.reminder_days),
-        ("waiting:reminder2", "reminder", waiting.second_reminder_days),
-        ("waiting:close", "close", waiting.close_days),
+        (WAITING_KEYS[0], "reminder", waiting.reminder_days),
+        (WAITING_KEYS[1], "reminder", waiting.second_reminder_days),
+        (WAITING_KEYS[2], "close", waiting.close_days),
     )
     for key, kind, days in steps:
         if days <= 0:
@@ -460,9 +478,22 @@ def compute(
     if facts.state == "pending" and facts.pending_until is not None:
         until = facts.pending_until
         candidates.append(Alarm(until, "pending:reminder", until.isoformat(), "pending"))
-    live = {alarm.key: alarm.cycle for alarm in candidates}
-    # Keep a fired mark only while its cycle is current: a stale one would hide nothing
-    # but would grow the row forever.
-    kept = {key: cycle for key, cycle in fired.items() if live.get(key) == cycle}
+    # The cycle each alarm key belongs to now. A fired mark is kept while its cycle is
+    # current -- also while the clock is paused or stopped and so has no alarm: pending
+    # and closed keep the clock's start, so reopening resumes the same cycle, and a
+    # dropped mark would fire that warning or breach (and escalate) a second time. Only
+    # a new cycle (new agent reply, new group) drops a mark; a stale one would hide
+    # nothing but would grow the row forever.
+    current = {alarm.key: alarm.cycle for alarm in candidates}
+    for report in reports:
+        current.setdefault(f"{report.clock}:warning", report.cycle)
+        current.setdefault(f"{report.clock}:breach", report.cycle)
+    wait = _pause_cycle_start(facts)
+    if wait is not None:
+        # The same wait continues through `#pending <time>` or `closed` within one pause:
+        # going back to plain `#pending` must not send reminder 1 again.
+        for key in WAITING_KEYS:
+            current.setdefault(key, wait.isoformat())
+    kept = {key: cycle for key, cycle in fired.items() if current.get(key) == cycle}
     pending = tuple(sorted(a for a in candidates if kept.get(a.key) != a.cycle))
     return Schedule(policy, tuple(reports), pending, kept)

@@ -148,6 +148,42 @@ async def test_nothing_fires_twice_on_recompute(sla_app: App, clock: Any) -> Non
     assert count_events(sla_app, "sla-warning") == 1
 
 
+async def test_pending_or_closed_and_reopened_fires_nothing_twice(
+    settings: Settings, sink: SmtpSink, clock: Any
+) -> None:
+    clock.now = MONDAY_9
+    app = await started(sla_settings(settings, groups={"First Line": {"breach_move": False}}),
+                        sink, clock)
+    try:
+        number = new_ticket(app)
+        clock.now = berlin(2026, 11, 23, 12, 1)
+        await app.escalation.kick()
+        assert count_events(app, "sla-warning") == 1
+        # Pending before the breach, reopened: the clock resumes in the same cycle.
+        clock.now = berlin(2026, 11, 23, 12, 10)
+        agent_reply(app, number, "#pending")
+        clock.now = berlin(2026, 11, 23, 14, 0)
+        agent_reply(app, number, "#open")
+        await app.escalation.kick()
+        assert count_events(app, "sla-warning") == 1
+        # 4h used at 14:50 (09:00-12:10 and 14:00-14:50): the breach fires once.
+        clock.now = berlin(2026, 11, 23, 14, 51)
+        await app.escalation.kick()
+        assert count_events(app, "sla-breach") == 1
+        # Closed and reopened: the missed deadline does not escalate a second time.
+        clock.now = berlin(2026, 11, 23, 15, 0)
+        agent_reply(app, number, "#close")
+        clock.now = berlin(2026, 11, 23, 16, 0)
+        agent_reply(app, number, "#open")
+        await app.escalation.kick()
+        assert count_events(app, "sla-breach") == 1
+        assert count_events(app, "escalated") == 1
+        assert ticket_row(app, number).escalation_level == 1
+        assert count_events(app, "sla-warning") == 1
+    finally:
+        await app.stop()
+
+
 async def test_breach_outside_business_hours_waits_for_the_morning(
     sla_app: App, clock: Any
 ) -> None:

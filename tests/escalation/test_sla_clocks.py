@@ -193,6 +193,47 @@ def test_a_new_cycle_rearms_its_alarms() -> None:
     assert renewed.fired == {}
 
 
+def test_pausing_or_closing_keeps_the_fired_marks_of_the_cycle() -> None:
+    # Warning at 12:00 fired; the ticket waits (pending) from 12:10, reopens at 14:00.
+    pol = policy()
+    fired = {"first_response:warning": MON_9.isoformat()}
+    pending = Facts(origin=MON_9, state="pending", pauses=(Pause(b(2026, 11, 23, 12, 10)),))
+    paused = compute(pending, pol, b(2026, 11, 23, 12, 10), fired=fired)
+    assert paused.alarms == () and dict(paused.fired) == fired
+    reopened = Facts(origin=MON_9, state="open",
+                     pauses=(Pause(b(2026, 11, 23, 12, 10), b(2026, 11, 23, 14)),))
+    after = compute(reopened, pol, b(2026, 11, 23, 14), fired=paused.fired)
+    # Same cycle (the origin): the warning stays fired, only the moved breach is to come.
+    assert [(a.key, a.at) for a in after.alarms] == [
+        ("first_response:breach", b(2026, 11, 23, 14, 50))]
+    # A breach that fired, then #close and #open: it does not fire (and escalate) again.
+    both = {"first_response:warning": MON_9.isoformat(),
+            "first_response:breach": MON_9.isoformat()}
+    closed = Facts(origin=MON_9, state="closed", pauses=(Pause(b(2026, 11, 23, 14)),))
+    stopped = compute(closed, pol, b(2026, 11, 23, 14), fired=both)
+    assert dict(stopped.fired) == both
+    again = Facts(origin=MON_9, state="open",
+                  pauses=(Pause(b(2026, 11, 23, 14), b(2026, 11, 23, 15)),))
+    assert compute(again, pol, b(2026, 11, 23, 15), fired=stopped.fired).alarms == ()
+
+
+def test_a_wait_keeps_its_sent_reminders_through_pending_until() -> None:
+    # Waiting since Monday 10:00; reminder 1 fired. The agent sets a reminder time, then
+    # goes back to plain #pending without replying: the same wait, no second reminder 1.
+    since = b(2026, 11, 23, 10)
+    pauses = (Pause(since),)
+    waiting = WaitingPolicy(CAL, 2, 3, 1)
+    fired = {"waiting:reminder1": since.isoformat()}
+    timed = Facts(origin=MON_9, state="pending", last_agent_reply_at=since, pauses=pauses,
+                  pending_until=b(2026, 11, 26, 14))
+    mid = compute(timed, None, b(2026, 11, 25, 11), waiting=waiting, fired=fired)
+    assert [a.key for a in mid.alarms] == ["pending:reminder"]
+    assert dict(mid.fired) == fired
+    plain = Facts(origin=MON_9, state="pending", last_agent_reply_at=since, pauses=pauses)
+    back = compute(plain, None, b(2026, 11, 25, 12), waiting=waiting, fired=mid.fired)
+    assert [a.key for a in back.alarms] == ["waiting:reminder2", "waiting:close"]
+
+
 # --- working days ------------------------------------------------------------------------
 
 
