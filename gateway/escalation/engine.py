@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Final
 
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.config import GroupSettings, Settings
@@ -124,6 +124,22 @@ def facts_of(ticket: Ticket) -> Facts:
         pauses=tuple(load_pauses(ticket.sla_pauses)),
         pending_until=ticket.pending_until,
     )
+
+
+def _state_before(ticket: Ticket) -> str | None:
+    """The state a ticket had before its pending change (since its last flush).
+
+    The observer is told "state" also when a command sets the state it already has
+    (`#close` on a closed ticket). The attribute history says what it was: deleted
+    holds the old value, unchanged the value set again. None when unknown (a ticket
+    not yet in the database).
+    """
+    history = inspect(ticket).attrs.state.history
+    if history.deleted:
+        return str(history.deleted[0])
+    if history.unchanged:
+        return str(history.unchanged[0])
+    return None
 
 
 def local_time(instant: dt.datetime | None, cal: Calendar | None) -> str:
@@ -255,26 +271,30 @@ class SlaEngine:
         savepoint, logged, and recorded on the ticket as an ``sla-error`` event; the
         ticket keeps its previous deadlines until the next change recomputes them.
         """
+        # Read before the flush below, which forgets it: `#close` on a closed ticket is
+        # reported as a state change too, and must not write a second incident review.
+        before = _state_before(ticket) if change == "state" else None
         try:
             if change == "created" and self.settings.major_incidents.tag not in (
                     ticket.tags or []):
                 # The hot path of every new ticket: only attribute writes and an event,
                 # no SQL that could fail half-way, so no flush and no savepoint (they
                 # cost more than the whole computation).
-                self._changed(session, ticket, change, now)
+                self._changed(session, ticket, change, now, before)
                 return
             # Flushed first (the rows the intake defers too), so that undoing the
             # savepoint cannot undo the pipeline's work.
             flush(session)
             with session.begin_nested():
-                self._changed(session, ticket, change, now)
+                self._changed(session, ticket, change, now, before)
         except Exception as exc:
             log.exception("sla: ticket %s: deadlines not updated after %s", ticket.number,
                           change)
             add_event(session, ticket, at=now, actor=ACTOR, kind="sla-error",
                       data={"change": change, "error": f"{type(exc).__name__}: {exc}"})
 
-    def _changed(self, session: Session, ticket: Ticket, change: str, now: dt.datetime) -> None:
+    def _changed(self, session: Session, ticket: Ticket, change: str, now: dt.datetime,
+                 before: str | None = None) -> None:
         if change != "created":
             self._lock(session, ticket)
         if change == "created":
@@ -292,7 +312,7 @@ class SlaEngine:
             ticket.last_agent_reply_at = now
             ticket.unanswered_since = None
         elif change == "state":
-            self._state_changed(session, ticket, now)
+            self._state_changed(session, ticket, now, before)
         elif change == "group":
             self._entered_group(ticket, now)
         elif change == "major":
@@ -309,7 +329,14 @@ class SlaEngine:
         session.flush()
         session.refresh(ticket, attribute_names=_SLA_COLUMNS, with_for_update=True)
 
-    def _state_changed(self, session: Session, ticket: Ticket, now: dt.datetime) -> None:
+    def _state_changed(self, session: Session, ticket: Ticket, now: dt.datetime,
+                       before: str | None) -> None:
+        """Pause or resume the clocks; a major incident closing gets its review record.
+
+        `before` is the state the ticket left (None when unknown: then it counts as a
+        change). Only a change *into* closed writes a review, so `#close` on a closed
+        incident does not write a second one; closing it again after a reopen does.
+        """
         pauses = load_pauses(ticket.sla_pauses)
         paused = bool(pauses) and pauses[-1].end is None
         if ticket.state in PAUSED_STATES and not paused:
@@ -319,7 +346,7 @@ class SlaEngine:
         ticket.sla_pauses = dump_pauses(pauses)
         if ticket.state != "pending":
             ticket.pending_until = None
-        if ticket.state == "closed" and ticket.major_at is not None:
+        if ticket.state == "closed" and before != "closed" and ticket.major_at is not None:
             self.write_review(session, ticket, now)
 
     def _entered_group(self, ticket: Ticket, now: dt.datetime) -> None:
@@ -610,6 +637,7 @@ class SlaEngine:
             "from": ticket.state, "to": "closed", "why": "no answer from the customer"})
         add_event(session, ticket, at=now, actor=ACTOR, kind="closed-unsolved",
                   data={"waiting_since": alarm.cycle})
+        before = ticket.state
         ticket.state = "closed"
         ticket.closed_at = now
         ticket.updated_at = now
@@ -619,7 +647,7 @@ class SlaEngine:
             subject_prefix="Closed: ", now=now, to_customer=True,
             since=local_time(since, found[1] if found else None),
         )
-        self._state_changed(session, ticket, now)
+        self._state_changed(session, ticket, now, before)
         stats.closed += 1
         stats.mails += len(rows)
         log.info("sla: ticket %s closed unsolved (waiting since %s)", ticket.number, alarm.cycle)

@@ -279,6 +279,28 @@ async def test_major_incident_command(sla_app: App, clock: Any) -> None:
     assert any(item["type"] == "article" for item in review["timeline"])
 
 
+async def test_only_a_change_into_closed_writes_an_incident_review(
+    sla_app: App, clock: Any
+) -> None:
+    from gateway.escalation.report import incident_reviews
+
+    number = new_ticket(sla_app)
+    agent_reply(sla_app, number, "#major\n#note\n\nPortal down.")
+    clock.now = berlin(2026, 11, 23, 10, 0)
+    agent_reply(sla_app, number, "#close")
+    assert len(incident_reviews(sla_app.sessions, number) or []) == 1
+    # #close on the closed incident (also twice in one reply): no second record.
+    clock.now = berlin(2026, 11, 23, 10, 5)
+    agent_reply(sla_app, number, "#close")
+    agent_reply(sla_app, number, "#close\n#close")
+    assert len(incident_reviews(sla_app.sessions, number) or []) == 1
+    assert count_events(sla_app, "incident-review") == 1
+    # Reopened and closed again: a new closing, a new record.
+    clock.now = berlin(2026, 11, 23, 11, 0)
+    agent_reply(sla_app, number, "#open\n#close")
+    assert len(incident_reviews(sla_app.sessions, number) or []) == 2
+
+
 async def test_major_incident_by_rule_tag(
     settings: Settings, sink: SmtpSink, clock: Any, tmp_path: Any
 ) -> None:
