@@ -12,7 +12,7 @@ at load with its key path. See ``docs/escalation.md`` for the whole picture::
 
     [sla.standard]
     calendar = "berlin"        # optional: else the group's calendar, else the default
-    first_response = "4h"      # 240, "240m", "4h", "2wd", "2 working days"
+    first_response = "4h"      # 240, "240m", "4h", "2wd", "2 working days"; <= 8760h, 260wd
     update = "1wd"
     solution = "5wd"
     warning_share = 0.75       # warn at 75% of each target; 0 disables warnings

@@ -72,6 +72,8 @@ from gateway.escalation.calendar import (
 
 __all__ = [
     "CLOCKS",
+    "MAX_TARGET_MINUTES",
+    "MAX_TARGET_WORKING_DAYS",
     "PAUSED_STATES",
     "Alarm",
     "ClockReport",
@@ -128,9 +130,19 @@ class Target:
         return f"{self.amount}{'wd' if self.unit == 'working_days' else 'm'}"
 
 
+#: The largest targets: a year around the clock (525,600 minutes = 8,760 hours) and a
+#: year of five-day weeks. Every ticket change walks the calendar day by day up to its
+#: deadlines, on the intake's thread; unbounded targets let a typo ("99999999wd")
+#: stall intake for half a minute and end in OverflowError. No helpdesk agrees to more.
+MAX_TARGET_MINUTES: Final = 365 * 24 * 60
+MAX_TARGET_WORKING_DAYS: Final = 260
+
+
 def parse_target(value: int | str) -> Target:
     """``240`` or ``"240m"`` (business minutes), ``"4h"`` (business hours), ``"3wd"``
-    or ``"3 working days"``; ValueError otherwise. Zero and negative amounts are refused."""
+    or ``"3 working days"``; ValueError otherwise. Zero and negative amounts are refused,
+    as are more than `MAX_TARGET_MINUTES` minutes or `MAX_TARGET_WORKING_DAYS` working
+    days."""
     if isinstance(value, bool):
         raise ValueError("expected business minutes (240), '4h' or '3wd', not a boolean")
     if isinstance(value, int):
@@ -146,8 +158,16 @@ def parse_target(value: int | str) -> Target:
     if amount <= 0:
         raise ValueError(f"a target must be at least 1, got {amount}")
     if unit.startswith("w"):
+        if amount > MAX_TARGET_WORKING_DAYS:
+            raise ValueError(f"a target must be at most {MAX_TARGET_WORKING_DAYS} working days"
+                             f" (a year), got {amount}")
         return Target(amount, "working_days")
-    return Target(amount * 60 if unit.startswith("h") else amount, "minutes")
+    minutes = amount * 60 if unit.startswith("h") else amount
+    if minutes > MAX_TARGET_MINUTES:
+        raise ValueError(f"a target must be at most {MAX_TARGET_MINUTES} business minutes"
+                         f" ({MAX_TARGET_MINUTES // 60}h, a year around the clock),"
+                         f" got {minutes}")
+    return Target(minutes, "minutes")
 
 
 # --- inputs ----------------------------------------------------------------------------

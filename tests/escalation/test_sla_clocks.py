@@ -73,6 +73,21 @@ def test_bad_targets_are_refused(text: Any) -> None:
         parse_target(text)
 
 
+@pytest.mark.parametrize(("text", "limit"), [
+    ("525601m", "at most 525600 business minutes"),
+    ("8761h", "at most 525600 business minutes"),
+    (999_999_999, "at most 525600 business minutes"),
+    ("261wd", "at most 260 working days"),
+    ("99999999wd", "at most 260 working days"),
+])
+def test_targets_beyond_a_year_are_refused(text: int | str, limit: str) -> None:
+    # Every ticket change walks the calendar to the deadline: a typo must not stall intake.
+    with pytest.raises(ValueError, match=limit):
+        parse_target(text)
+    assert parse_target("525600m") == parse_target("8760h") == Target(525600, "minutes")
+    assert parse_target("260wd") == Target(260, "working_days")
+
+
 def test_target_descriptions() -> None:
     assert str(parse_target("4h")) == "4 business hours"
     assert str(parse_target(90)) == "90 business minutes"

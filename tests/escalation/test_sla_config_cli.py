@@ -133,6 +133,19 @@ def test_calendar_show(shipped: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 1 and "no calendar 'paris' (calendars: berlin)" in out
 
 
+def test_check_refuses_a_target_beyond_a_year(
+    shipped: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = shipped.read_text().splitlines()
+    index = lines.index('solution = "5wd"')
+    lines[index] = 'solution = "99999999wd"'
+    shipped.write_text("\n".join(lines) + "\n")
+    code, out = cli(capsys, "--config", str(shipped), "check")
+    assert code != 0
+    assert (f"helpdeskd.toml:{index + 1}: sla.first-line.solution: a target must be at most"
+            " 260 working days (a year), got 99999999") in out
+
+
 def test_sla_explain_stats_and_incidents(
     shipped: Path, capsys: pytest.CaptureFixture[str], clock: Any
 ) -> None:
