@@ -11,6 +11,7 @@ short names are accepted for the common ones (`HELPDESKD_SECRET`,
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import secrets
@@ -31,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.escalation.calendar import CalendarSettings
+from gateway.escalation.calendar import Calendar, CalendarSettings, never_open_again
 from gateway.escalation.settings import (
     EscalationSettings,
     MajorIncidentSettings,
@@ -426,6 +427,18 @@ class Settings(_Section):
         if problems:
             # One line per problem (each names its key path): printed under the file name.
             raise ValueError("\n  ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _calendars_open_again(self) -> Settings:
+        # Whether a calendar is ever open again depends on today (past open_days, a
+        # closure running for decades); `check` and `run` must refuse what would make
+        # every ticket change end in an sla-error event without deadlines.
+        now = dt.datetime.now(dt.UTC)
+        for name, table in self.calendars.items():
+            problem = never_open_again(Calendar.from_settings(table), now)
+            if problem is not None:
+                raise KeyProblem(("calendars", name), problem)
         return self
 
     @model_validator(mode="after")

@@ -47,7 +47,10 @@ Documented choices (each one is pinned by a test):
   own language (``Karfreitag``), independent of the daemon's locale.
 * **Closures** are ``YYYY-MM-DD``, an inclusive range ``YYYY-MM-DD..YYYY-MM-DD``,
   a yearly ``MM-DD`` or a yearly range ``MM-DD..MM-DD`` (which may wrap the year
-  end: ``12-24..01-01``).
+  end: ``12-24..01-01``). Yearly closures that together close every day of the
+  year (02-29 aside) are refused. A calendar with no business time from today on
+  (a closure running for decades, only past open days) is refused when the
+  configuration loads (`never_open_again`, asked by `gateway.config`).
 * **Open days** win over everything else (holiday, closure, weekend). An entry
   is a date, ``YYYY-MM-DD``, meaning "a normal day": the hours of its own
   weekday; if that weekday has no hours the entry must list them after the
@@ -107,6 +110,7 @@ __all__ = [
     "add_working_days",
     "business_minutes_between",
     "describe_days",
+    "never_open_again",
     "next_business_moment",
     "parse_interval",
 ]
@@ -198,6 +202,9 @@ def _parse_date(text: str) -> date:
 _MONTH_DAYS: Final[tuple[tuple[int, int], ...]] = tuple(
     (day.month, day.day) for day in (date(2000, 1, 1) + timedelta(days=n) for n in range(366))
 )
+
+
+_COMMON_YEAR: Final = frozenset(_MONTH_DAYS) - {(2, 29)}
 
 
 def _parse_month_day(text: str) -> tuple[int, int]:
@@ -351,6 +358,16 @@ class CalendarSettings(BaseModel):
                 )
         if not any(self.hours.values()) and not self.open_days:
             raise ValueError("hours: no weekday has business hours and there are no open_days")
+        # Each yearly closure is refused alone when it closes the whole year; together
+        # they can too (01-01..06-30 and 07-01..12-31). Such a calendar is open on its
+        # open_days at most and then never again: every deadline ends in CalendarError.
+        # 02-29 alone left open is no better (open one day in four years).
+        yearly: set[tuple[int, int]] = set()
+        for text in self.closures:
+            yearly |= _parse_closure(text).yearly
+        if yearly >= _COMMON_YEAR:
+            raise ValueError("closures: the yearly closures together close every day of"
+                             " the year")
         return self
 
     def _check_holidays(self) -> None:
@@ -697,6 +714,23 @@ def add_working_days(cal: Calendar, start: datetime, days: int) -> datetime:
         if wanted < span_end:
             return max(span_start, wanted)
     return target.spans[-1][1]
+
+
+def never_open_again(cal: Calendar, now: datetime) -> str | None:
+    """Why `cal` has no business time from `now` on, or None when it will open again.
+
+    Validation asks this of every configured calendar at load: a calendar whose
+    closures run for years (``2020-01-01..2099-12-31``) or that only has past
+    ``open_days`` is otherwise accepted and fails on every ticket change instead.
+    """
+    try:
+        next_business_moment(cal, now)
+    except CalendarError:
+        return (
+            f"never open again: no business hours in the {_MAX_CLOSED_RUN_DAYS} days from"
+            f" {cal.local_date(now)} (check hours, closures and open_days)"
+        )
+    return None
 
 
 def describe_days(cal: Calendar, start_date: date, days: int) -> list[DayInfo]:

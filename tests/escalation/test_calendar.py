@@ -518,6 +518,10 @@ def test_default_hours_are_weekdays_nine_to_five() -> None:
         ({"closures": ["12-24..2026-12-31"]}, "closures.0", "both ends"),
         ({"closures": ["02-30"]}, "closures.0", "not a day of the year"),
         ({"closures": ["01-01..12-31"]}, "closures.0", "every day of the year"),
+        # Together, too; 02-29 left open alone (once in four years) counts as closed.
+        ({"closures": ["01-01..06-30", "07-01..12-31"]}, "", "together close every day"),
+        ({"closures": ["01-02..12-31", "01-01"]}, "", "together close every day"),
+        ({"closures": ["03-01..02-28"]}, "", "together close every day"),
         ({"closures": ["soon"]}, "closures.0", "not a date"),
         ({"open_days": ["2026-06-07"]}, "", "open_days.0: 2026-06-07 is a sun"),
         ({"open_days": ["2026-06-08", "2026-06-08"]}, "", "listed twice"),

@@ -6,6 +6,7 @@ The CLI runs on a copy of the shipped ``helpdeskd.toml``, whose commented demo
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
@@ -72,6 +73,20 @@ def test_field_errors_name_the_key(settings: Settings) -> None:
     assert "groups.2.leads" in text
     text = problems(settings, sla={"empty": {}})
     assert "sla.empty: an SLA needs at least one of" in text
+
+
+def test_a_calendar_never_open_again_is_refused(settings: Settings) -> None:
+    # Valid tables, but no business hour from today on: every ticket change would end
+    # in an sla-error event without deadlines.
+    for table in ({"closures": ["2020-01-01..2099-12-31"]},
+                  {"hours": {}, "open_days": ["2020-01-06 09:00-17:00"]}):
+        text = problems(settings, calendars={"berlin": BERLIN_CAL["berlin"] | table})
+        assert "calendars.berlin: never open again: no business hours in the 1830 days" in text
+    # An open day ahead is business time: accepted.
+    ahead = (dt.date.today() + dt.timedelta(days=30)).isoformat()
+    parse_settings(settings.model_dump() | {"calendars": {"berlin": {
+        "timezone": "Europe/Berlin", "hours": {}, "open_days": [f"{ahead} 09:00-17:00"]}}},
+        environ={})
 
 
 def test_an_sla_without_a_calendar_needs_one_from_somewhere(settings: Settings) -> None:
@@ -144,6 +159,18 @@ def test_check_refuses_a_target_beyond_a_year(
     assert code != 0
     assert (f"helpdeskd.toml:{index + 1}: sla.first-line.solution: a target must be at most"
             " 260 working days (a year), got 99999999") in out
+
+
+def test_check_names_the_line_of_a_calendar_never_open_again(
+    shipped: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = shipped.read_text().splitlines()
+    lines[lines.index('closures = ["12-24", "12-31"]')] = 'closures = ["2020-01-01..2099-12-31"]'
+    shipped.write_text("\n".join(lines) + "\n")
+    code, out = cli(capsys, "--config", str(shipped), "check")
+    assert code != 0
+    table = lines.index("[calendars.berlin]") + 1
+    assert f"helpdeskd.toml:{table}: calendars.berlin: never open again" in out
 
 
 def test_sla_explain_stats_and_incidents(
