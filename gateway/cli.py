@@ -475,6 +475,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 # -- escalation (issue 6; the views live in gateway.escalation.report) ------------------
 
 
+#: `calendar show --days` at most ten years: each date is planned and printed.
+MAX_SHOW_DAYS = 3660
+
+
+def _day_count(text: str) -> int:
+    """argparse type of `--days`: a usage error, not a traceback, for -1 or 'x'."""
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
+    if not 0 <= days <= MAX_SHOW_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"{days} is out of range: 0 to {MAX_SHOW_DAYS} days (ten years)")
+    return days
+
+
 def cmd_calendar_show(args: argparse.Namespace) -> int:
     from gateway.escalation.calendar import Calendar
     from gateway.escalation.report import calendar_view, format_calendar
@@ -628,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--from", dest="start", type=dt.date.fromisoformat, metavar="DATE",
                    help="first date, YYYY-MM-DD (default: today in the calendar's zone)")
-    s.add_argument("--days", type=int, default=14, help="number of days (default 14)")
+    s.add_argument("--days", type=_day_count, default=14,
+                   help=f"number of days, 0 to {MAX_SHOW_DAYS} (default 14)")
     s.set_defaults(func=cmd_calendar_show)
 
     sla = sub.add_parser("sla", help="SLA deadlines").add_subparsers(dest="sla_cmd",

@@ -161,6 +161,22 @@ def test_check_refuses_a_target_beyond_a_year(
             " 260 working days (a year), got 99999999") in out
 
 
+@pytest.mark.parametrize(("days", "message"), [
+    ("-1", "-1 is out of range: 0 to 3660 days"),
+    ("99999999", "99999999 is out of range"),
+    ("two", "'two' is not a whole number of days"),
+])
+def test_calendar_show_refuses_a_bad_day_count(
+    shipped: Path, capsys: pytest.CaptureFixture[str], days: str, message: str
+) -> None:
+    # A usage error (exit 2) naming the option, not a traceback from describe_days.
+    with pytest.raises(SystemExit) as exited:
+        main(["calendar", "show", "berlin", "--config", str(shipped), f"--days={days}"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --days: {message}" in err and "Traceback" not in err
+
+
 def test_check_names_the_line_of_a_calendar_never_open_again(
     shipped: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
