@@ -265,7 +265,9 @@ def test_outbox_list(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(out) == []
 
 
-async def test_run_stops_cleanly_on_sigterm(tmp_path: Path, db_url: str) -> None:
+async def run_daemon(tmp_path: Path, db_url: str, until: bytes,
+                     ) -> tuple[asyncio.subprocess.Process, Path, int]:
+    """`helpdeskd run` in a subprocess, once it has logged `until`: (process, config, port)."""
     from support.app import demo_config
 
     data = demo_config(tmp_path, db_url)
@@ -279,17 +281,35 @@ async def test_run_stops_cleanly_on_sigterm(tmp_path: Path, db_url: str) -> None
     assert proc.stdout is not None
     try:
         async with asyncio.timeout(30):
-            while b"helpdeskd: running" not in (line := await proc.stdout.readline()):
-                assert line, "daemon exited before it was running"
-        code, text = await send(port, make_mail("Via the real daemon"))
-        assert code == 250 and "created" in text
+            while until not in (line := await proc.stdout.readline()):
+                assert line, f"daemon exited before it logged {until!r}"
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, config, port
+
+
+async def stopped(proc: asyncio.subprocess.Process) -> tuple[int, bytes]:
+    """SIGTERM; the exit code and what the daemon logged until it exited."""
+    assert proc.stdout is not None
+    try:
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
             rest = await proc.stdout.read()
-            assert await proc.wait() == 0
+            return await proc.wait(), rest
     finally:
         if proc.returncode is None:
             proc.kill()
+
+
+async def test_run_stops_cleanly_on_sigterm(tmp_path: Path, db_url: str) -> None:
+    proc, config, port = await run_daemon(tmp_path, db_url, b"helpdeskd: running")
+    try:
+        code, text = await send(port, make_mail("Via the real daemon"))
+    finally:
+        exit_code, rest = await stopped(proc)
+    assert code == 250 and "created" in text
+    assert exit_code == 0
     assert b"helpdeskd: stopped" in rest
     assert b"created ticket" in rest  # one log line per message with its ticket
     settings_toml = tomllib.loads(config.read_text())
@@ -297,29 +317,11 @@ async def test_run_stops_cleanly_on_sigterm(tmp_path: Path, db_url: str) -> None
 
 
 async def test_signals_while_starting_neither_kill_nor_hang(tmp_path: Path, db_url: str) -> None:
-    from support.app import demo_config
-
-    data = demo_config(tmp_path, db_url)
-    data["smtp"]["port"] = free_port()
-    config = write_config(tmp_path, data)
-    env = {**os.environ, "HELPDESKD_CONFIG": str(config)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "run", env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(30):
-            while b"helpdeskd: starting" not in (line := await proc.stdout.readline()):
-                assert line, "daemon exited before it was starting"
-        # The App is being built (imports, migrations): a reload, then a stop request.
-        proc.send_signal(signal.SIGHUP)
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            rest = await proc.stdout.read()
-            assert await proc.wait() == 0, rest.decode()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
+    proc, _, _ = await run_daemon(tmp_path, db_url, b"helpdeskd: starting")
+    # The App is being built (imports, migrations): a reload, then a stop request.
+    proc.send_signal(signal.SIGHUP)
+    exit_code, rest = await stopped(proc)
+    assert exit_code == 0, rest.decode()
     assert b"Traceback" not in rest
 
 

@@ -392,38 +392,29 @@ class StateStore:
 
     def record_oversized(self, uid: int, channel_message_id: str, size: int, limit: int,
                          folder: str) -> None:
-        """A quarantine row for a message too large to fetch (B20: a readable reason).
-
-        The message itself stays on the server, in the quarantine folder; the row
-        carries no bytes, only where to find it. Not recorded twice for one UID.
-        """
-        if self.held([channel_message_id]):
-            return
-        with self.sessions() as session, session.begin():
-            session.add(QuarantineRow(
-                received_at=_now(), channel=Channel.EMAIL.value, source=f"imap:{self.name}",
-                stage="fetch", reason="too-large",
-                detail=f"UID {uid} is {size} bytes, over max_message_size {limit}; "
-                       f"not fetched, moved to the IMAP folder {folder!r}",
-                channel_message_id=channel_message_id, raw=b"", rcpt_tos=[], state="held",
-            ))
+        """A quarantine row for a message too large to fetch (B20: a readable reason)."""
+        self._record_unfetched(channel_message_id, "too-large",
+                               f"UID {uid} is {size} bytes, over max_message_size {limit}; "
+                               f"not fetched, moved to the IMAP folder {folder!r}")
 
     def record_unfetchable(self, uid: int, channel_message_id: str, attempts: int,
                            error: str, folder: str) -> None:
-        """A quarantine row for a message the server failed to deliver (B20).
+        """A quarantine row for a message the server failed to deliver (B20)."""
+        self._record_unfetched(channel_message_id, "unfetchable",
+                               f"UID {uid}: the server failed to deliver it in {attempts} "
+                               f"sessions (last: {error}); not ingested, moved to the IMAP "
+                               f"folder {folder!r}")
 
-        Like an oversized one it has no bytes here; it stays on the server, in the
-        quarantine folder, where a person can look at it (or move it back to be
-        fetched again under a new UID). Not recorded twice for one UID.
-        """
+    def _record_unfetched(self, channel_message_id: str, reason: str, detail: str) -> None:
+        """A quarantine row for a message left on the server, in the quarantine folder,
+        where a person can look at it (or move it back to be fetched again under a new
+        UID): the row carries no bytes, only where to find it. Not recorded twice."""
         if self.held([channel_message_id]):
             return
         with self.sessions() as session, session.begin():
             session.add(QuarantineRow(
                 received_at=_now(), channel=Channel.EMAIL.value, source=f"imap:{self.name}",
-                stage="fetch", reason="unfetchable",
-                detail=f"UID {uid}: the server failed to deliver it in {attempts} sessions "
-                       f"(last: {error}); not ingested, moved to the IMAP folder {folder!r}",
+                stage="fetch", reason=reason, detail=detail,
                 channel_message_id=channel_message_id, raw=b"", rcpt_tos=[], state="held",
             ))
 
