@@ -343,6 +343,13 @@ class SlaEngine:
             pauses.append(Pause(now))
         elif ticket.state not in PAUSED_STATES and paused:
             pauses[-1] = Pause(pauses[-1].start, now)
+        elif paused and before in PAUSED_STATES and before != ticket.state:
+            # Closed and set pending (or the other way): the clocks stay paused, but a
+            # wait for the customer starts now, not when the ticket was closed days ago
+            # (its first reminder would be overdue at once). Two pauses that meet: not
+            # a business minute between them.
+            pauses[-1] = Pause(pauses[-1].start, now)
+            pauses.append(Pause(now))
         ticket.sla_pauses = dump_pauses(pauses)
         if ticket.state != "pending":
             ticket.pending_until = None

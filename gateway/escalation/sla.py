@@ -44,8 +44,10 @@ Documented choices (each pinned by a test in ``tests/escalation``):
   Pausing (``pending``) or stopping (``closed``) a clock keeps its start, so its
   fired marks are kept too: reopening resumes the same cycle and a warning or
   breach that already fired stays fired. Likewise a wait for the customer keeps
-  its fired reminders while the same pause lasts (through ``#pending <time>`` or
-  ``closed`` and back to ``#pending``).
+  its fired reminders while the same pause lasts (through ``#pending <time>`` and
+  back to ``#pending``); a change between ``closed`` and ``pending`` starts a new
+  pause where the old one ends (the engine), so a closed ticket set pending waits
+  from then.
 * **Waiting for the customer** (``pending`` without a time): a first reminder
   after N working days, a second M working days later, closing as unsolved K
   working days after that, counted from the later of the pause start and the

@@ -397,6 +397,21 @@ async def test_waiting_for_the_customer_reminds_then_closes(sla_app: App, clock:
     assert t.solution_due == berlin(2026, 12, 22, 9, 0)
 
 
+async def test_a_closed_ticket_set_pending_waits_from_then(sla_app: App, clock: Any) -> None:
+    number = new_ticket(sla_app)
+    agent_reply(sla_app, number, "#close")
+    # Two weeks later the agent reopens it to wait for the customer: the first reminder
+    # is 5 working days from now, not overdue since the close.
+    clock.now = berlin(2026, 12, 7, 9, 0)
+    agent_reply(sla_app, number, "#pending")
+    assert ticket_row(sla_app, number).next_escalation_at == berlin(2026, 12, 14, 9, 0)
+    await sla_app.escalation.kick()
+    assert outbox(sla_app, kind="reminder") == []
+    clock.now = berlin(2026, 12, 14, 9, 0)
+    await sla_app.escalation.kick()
+    assert len(outbox(sla_app, kind="reminder")) == 1
+
+
 async def test_a_chat_customer_is_reminded_in_the_chat(sla_app: App, clock: Any) -> None:
     from gateway.store.models import Ticket
 
