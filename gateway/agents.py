@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 security = logging.getLogger("gateway.security")
 
+# The signature parts of multipart/signed mail (RFC 8551, RFC 3156): not content.
+_SIGNATURES = frozenset({"application/pkcs7-signature", "application/x-pkcs7-signature",
+                         "application/pgp-signature"})
+
 StoreArticle = Callable[..., Article]
 Changed = Callable[[Session, Ticket, str, dt.datetime], None]
 
@@ -125,8 +129,10 @@ class AgentReplies:
 
         article: Article | None = None
         # A file sent with no words is an answer too (a screenshot, the log asked for);
-        # an inline part alone is a signature's logo, not a reply.
-        if text or any(not a.inline for a in mail.attachments):
+        # an inline part alone is a signature's logo, and an S/MIME or PGP signature
+        # part signs the commands: neither is a reply.
+        if text or any(not a.inline and a.content_type.lower() not in _SIGNATURES
+                       for a in mail.attachments):
             if not internal:
                 text, mail = self._without_tokens(text, mail, sender, ticket)
             article = store_article(session, ticket, inbound, mail, info, now,

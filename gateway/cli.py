@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 from sqlalchemy.orm import selectinload
 
 from gateway.config import (
@@ -70,8 +70,9 @@ def _app(args: argparse.Namespace) -> Any:
     settings = _load(args, create_secret=False)
     url = settings.database_url
     if is_sqlite(url):
-        path = Path(url.split("///", 1)[1]) if "///" in url else None
-        if path is not None and str(path) != ":memory:" and not path.exists():
+        database = make_url(url).database  # without the query (?timeout=30)
+        path = Path(database) if database and database != ":memory:" else None
+        if path is not None and not path.exists():
             raise FileNotFoundError(
                 f"no database at {path}: the daemon has not run with this configuration "
                 "(helpdeskd run or helpdeskd init create it)")

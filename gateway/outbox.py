@@ -166,14 +166,17 @@ class OutboxWorker:
         """Seconds the worker should still hold its rounds back for a saturated intake.
 
         The hold starts when the worker first finds the intake saturated and lasts at
-        most `burst_hold_seconds`; then the worker delivers until nothing is due, rows
-        committed meanwhile included, before it holds back again: under a burst that
-        outlasts the hold, mail waits about that long, not longer and longer.
+        most `burst_hold_seconds`, lulls included (a round may go out in a lull); then
+        the worker delivers until nothing is due, rows committed meanwhile included,
+        before it holds back again: under a burst that outlasts the hold, mail waits
+        about that long, not longer and longer.
         """
         limit = self.settings.burst_hold_seconds
-        if (self._catching_up or not limit or self.intake_load is None
-                or self.intake_load() < SATURATED):
-            self._holding_since = None
+        if self._catching_up or not limit or self.intake_load is None:
+            return 0.0
+        if self.intake_load() < SATURATED:
+            # A lull: deliver meanwhile. The hold is not over until a drain has caught
+            # up, or the bursts around brief lulls would each start a fresh one.
             return 0.0
         now = self.monotonic()
         if self._holding_since is None:
@@ -209,7 +212,8 @@ class OutboxWorker:
                 return attempted, 0.0
             # After stop(): record this round, claim no other.
             items, delay = await self._record_and_claim(claim=not self._stopping)
-        self._catching_up = False
+        self._catching_up = False  # nothing is due: caught up
+        self._holding_since = None
         return attempted, delay
 
     async def _record_and_claim(self, *, claim: bool) -> tuple[list[Delivery], float]:

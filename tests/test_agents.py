@@ -404,6 +404,24 @@ async def test_a_signature_logo_alone_is_no_reply(app: App, sink: SmtpSink) -> N
     assert outbox_count(app) == rows
 
 
+@pytest.mark.parametrize("ctype", ["application/pkcs7-signature", "application/pgp-signature"])
+async def test_a_signed_commands_only_reply_is_no_reply(
+    app: App, sink: SmtpSink, ctype: str
+) -> None:
+    t, note = await open_ticket(app, sink)
+    msg = email.message_from_bytes(gmail_reply(note, "alice@agents.test", "#close"),
+                                   policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    maintype, subtype = ctype.split("/")
+    msg.add_attachment(b"signature bytes", maintype=maintype, subtype=subtype,
+                       filename="smime.p7s" if "pkcs7" in ctype else "signature.asc")
+    rows = outbox_count(app)
+    await reply(app, note, msg.as_bytes(), "alice@agents.test")
+    after = ticket(app, t["number"])
+    assert after["state"] == "closed" and len(after["articles"]) == 1
+    assert outbox_count(app) == rows
+
+
 async def test_html_only_reply_is_stripped_of_the_quote(app: App, sink: SmtpSink) -> None:
     t, note = await open_ticket(app, sink)
     html = (

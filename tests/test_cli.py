@@ -172,6 +172,18 @@ def test_reading_commands_leave_no_files_behind(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_sqlite_url_with_options_names_an_existing_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from support.app import demo_config
+
+    url = f"sqlite:///{tmp_path / 'helpdeskd.sqlite3'}?timeout=30"
+    config = write_config(tmp_path, demo_config(tmp_path, url))
+    ingest(config, make_mail("Via a URL with options"))
+    code, out, err = run_cli(capsys, "tickets", "list", "--config", str(config))
+    assert (code, err) == (0, "") and "Via a URL with options" in out
+
+
 def test_tickets_list_and_show_json(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     first = ingest(config, make_mail("First", message_id="<one@users.test>"))
     ingest(config, make_mail("Catalogue thing"))

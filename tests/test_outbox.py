@@ -266,10 +266,15 @@ async def test_the_hold_starts_again_only_once_the_backlog_is_delivered(
     await send(port(app), make_mail("Backlog"))
     assert await worker.drain() == 2  # nothing left due: caught up
     assert worker.hold_left() == limit  # a new hold
-    load.value = 0.5
-    assert worker.hold_left() == 0.0  # not saturated
-    load.value, load.now = 1.0, limit + 50
-    assert worker.hold_left() == limit  # counted afresh
+    load.value, load.now = 0.5, limit + 5
+    assert worker.hold_left() == 0.0  # a lull: deliver meanwhile...
+    load.value, load.now = 1.0, limit + 6
+    assert worker.hold_left() == limit - 5  # ...but the hold goes on, not afresh
+    load.now = 2 * limit + 1
+    assert worker.hold_left() == 0.0  # ran out: catch up
+    assert await worker.drain() == 0
+    load.now = 2 * limit + 50
+    assert worker.hold_left() == limit  # caught up: a new hold counts afresh
     worker.settings = app.settings.outbound.model_copy(update={"burst_hold_seconds": 0})
     assert worker.hold_left() == 0.0  # switched off
 
