@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -215,12 +216,22 @@ def holding(app: App, load: Load) -> OutboxWorker:
     return worker
 
 
+@contextlib.asynccontextmanager
+async def running(worker: OutboxWorker) -> AsyncIterator[None]:
+    """The worker's own loop, as the daemon runs it, for the length of the block."""
+    task = asyncio.create_task(worker.run())
+    try:
+        yield
+    finally:
+        worker.stop()
+        await task
+
+
 async def test_deliveries_wait_while_the_intake_is_saturated(app: App, sink: SmtpSink) -> None:
     load = Load(1.0)
     worker = holding(app, load)
     await send(port(app), make_mail("Burst"))
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker):
         # Twice round the loop: each time it found the intake saturated and held back.
         for _ in range(2):
             load.asked.clear()
@@ -229,9 +240,6 @@ async def test_deliveries_wait_while_the_intake_is_saturated(app: App, sink: Smt
         assert [r.state for r in outbox(app)] == ["pending", "pending"]
         load.value = 0.3  # the burst is over
         await sink.wait_for(2)
-    finally:
-        worker.stop()
-        await task
     assert [r.state for r in outbox(app)] == ["sent", "sent"]
 
 
@@ -239,15 +247,11 @@ async def test_deliveries_wait_no_longer_than_the_hold(app: App, sink: SmtpSink)
     load = Load(1.0)
     worker = holding(app, load)
     await send(port(app), make_mail("Long burst"))
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker):
         await load.asked.wait()
         assert sink.messages == []
         load.now = app.settings.outbound.burst_hold_seconds + 0.1  # still saturated
         await sink.wait_for(2)
-    finally:
-        worker.stop()
-        await task
 
 
 async def test_the_hold_starts_again_only_once_the_backlog_is_delivered(
