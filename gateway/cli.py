@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import make_url, select
+from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from gateway.config import (
@@ -65,13 +65,12 @@ def _app(args: argparse.Namespace) -> Any:
     should learn that this is not the daemon's store.
     """
     from gateway.daemon import App
-    from gateway.store.db import is_sqlite
+    from gateway.store.db import is_sqlite, sqlite_file
 
     settings = _load(args, create_secret=False)
     url = settings.database_url
     if is_sqlite(url):
-        database = make_url(url).database  # without the query (?timeout=30)
-        path = Path(database) if database and database != ":memory:" else None
+        path = sqlite_file(url)
         if path is not None and not path.exists():
             raise FileNotFoundError(
                 f"no database at {path}: the daemon has not run with this configuration "

@@ -41,6 +41,13 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of an SQLite URL (options such as ?timeout=30 left out);
+    None for an in-memory database."""
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
 # How long a writer waits for SQLite's write lock, in this process (the queue below)
 # and then across processes (busy_timeout), before its transaction fails.
 BUSY_TIMEOUT_S = 10
@@ -124,9 +131,9 @@ def _sqlite_begin(conn: Any) -> None:
 def make_engine(url: str) -> Engine:
     """An engine for `url`; creates the SQLite file's directory if needed."""
     if is_sqlite(url):
-        path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_file(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={
             "check_same_thread": False, "factory": _queued_connection_class()})
         event.listen(engine, "connect", _sqlite_pragmas)
