@@ -141,6 +141,10 @@ class SmtpSettings(_Section):
     max_message_size: int = Field(default=25 * 1024 * 1024, gt=0)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Under a burst, 250 once the raw message is committed to the spool; its ticket
+    # follows when the burst has passed, at most this many seconds later (0: never
+    # spool, every message gets its ticket before its 250).
+    burst_queue_seconds: float = Field(default=10.0, ge=0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> SmtpSettings:

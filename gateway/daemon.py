@@ -24,7 +24,7 @@ from gateway.escalation.engine import FireStats, SlaEngine
 from gateway.escalation.scheduler import EscalationScheduler
 from gateway.followup import Hooks
 from gateway.http import HttpServer
-from gateway.intake import Intake, utcnow
+from gateway.intake import Intake, log_disposition, utcnow
 from gateway.mail.transport import Transport, make_transport
 from gateway.message import Inbound
 from gateway.notify import Notifier, Templates
@@ -69,7 +69,8 @@ class App:
             on_fired=self._escalation_fired,
         )
         self.intake = Intake(self.pipeline, self.sessions, clock=clock,
-                             on_commit=self._after_commit)
+                             on_commit=self._after_commit,
+                             spool_seconds=settings.smtp.burst_queue_seconds)
         self._transport = transport
         # False: deliveries happen only when something calls `outbox.drain()` (tests).
         self.run_outbox = run_outbox
@@ -93,7 +94,7 @@ class App:
                                    intake_load=self.intake.load)
         self.intake.start()
         if self.settings.smtp.enabled:
-            self.channels.append(SmtpChannel(self.settings, self.submit))
+            self.channels.append(SmtpChannel(self.settings, self.accept))
         for mailbox in self.settings.imap:
             # One task per mailbox: a failing mailbox never holds up the others.
             self.channels.append(ImapChannel(self.settings, mailbox, self.submit, self.sessions))
@@ -173,9 +174,14 @@ class App:
 
     async def submit(self, inbound: Inbound) -> Disposition:
         result = await self.intake.submit(inbound)
-        log.info("%s: message %s -> %s%s%s", inbound.source, result.message_id or "-",
-                 result.outcome.value, f" ticket {result.ticket}" if result.ticket else "",
-                 f" ({result.reason})" if result.reason else "")
+        log_disposition(inbound, result)
+        return result
+
+    async def accept(self, inbound: Inbound) -> Disposition:
+        """`submit` for SMTP: under a burst the message may be spooled, and its ticket
+        made after the burst (`Outcome.QUEUED`; docs/design.md, "Accept first")."""
+        result = await self.intake.submit(inbound, deferrable=True)
+        log_disposition(inbound, result)
         return result
 
     def _after_commit(self, results: list[Disposition]) -> None:

@@ -21,11 +21,21 @@ If the safe path cannot commit either, every message of the batch gets
 The writer also keeps a measure of its own load (`load()`): the outbox worker
 holds its deliveries back while the intake is saturated (docs/design.md,
 "Inbound first").
+
+Accept first under a burst (docs/design.md): a channel that may acknowledge a
+message before its ticket exists (SMTP) submits it as `deferrable`. While the
+writer is saturated, such messages are committed to the spool as raw bytes, one
+insert per batch, and answered `Outcome.QUEUED` at once; the writer runs the
+pipeline on the spool, oldest first, when the arrivals would no longer saturate
+it, or when the oldest has waited `spool_seconds`, and then one spool batch per
+batch of arrivals. While anything is spooled, new deferrable messages join the
+spool behind it, so mail is still processed in the order it came.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
 import math
@@ -38,7 +48,9 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.message import Inbound
+from gateway.outbox import SATURATED
 from gateway.pipeline import Disposition, Outcome, Pipeline, StageError, quarantine
+from gateway.store import spool
 from gateway.store.pending import finish, track, untrack
 
 log = logging.getLogger(__name__)
@@ -54,6 +66,12 @@ def utcnow() -> dt.datetime:
 # the gaps between a burst's batches, short enough that the end of a burst shows
 # within about a second.
 LOAD_TAU = 0.25
+# After a spooled batch could not be processed (the store failed), wait this long.
+SPOOL_RETRY_S = 1.0
+# Spooled messages per pipeline batch: small enough that a message arriving meanwhile
+# waits a few tens of milliseconds at most, large enough to share the commit.
+SPOOL_BATCH = 16
+COST_BATCH = 8
 
 
 class StoreUnavailable(Exception):
@@ -65,6 +83,26 @@ class _Job:
     inbound: Inbound
     future: asyncio.Future[Disposition]
     loop: asyncio.AbstractEventLoop
+    deferrable: bool = False
+
+
+class _Decayed:
+    """A sum of seconds that decays with LOAD_TAU; divided by LOAD_TAU it tends to the
+    share of time they fill. Written by the writer thread only; a reader sees a
+    consistent enough pair."""
+
+    __slots__ = ("_at", "_sum")
+
+    def __init__(self) -> None:
+        self._sum = 0.0
+        self._at = 0.0
+
+    def at(self, now: float) -> float:
+        return self._sum * math.exp(-max(0.0, now - self._at) / LOAD_TAU)
+
+    def add(self, now: float, seconds: float) -> None:
+        self._sum = self.at(now) + seconds
+        self._at = now
 
 
 _STOP = object()
@@ -82,6 +120,7 @@ class Intake:
         batch_bytes: int = 16 * 1024 * 1024,
         clock: Clock = utcnow,
         on_commit: Callable[[list[Disposition]], None] | None = None,
+        spool_seconds: float = 0.0,
     ) -> None:
         self.pipeline = pipeline
         self.sessions = sessions
@@ -91,55 +130,86 @@ class Intake:
         self.batch_bytes = batch_bytes
         self.clock = clock
         self.on_commit = on_commit
+        # Longest a spooled message waits for the pipeline; 0: nothing is ever spooled.
+        self.spool_seconds = spool_seconds
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.redone = 0  # batches the fast path gave up (a bad message, a conflict)
-        # Busy seconds, decayed with LOAD_TAU, as of monotonic time `_busy_at`. Written
-        # by the writer thread only; a reader sees a consistent enough pair.
-        self._busy = 0.0
-        self._busy_at = 0.0
+        self._busy = _Decayed()  # seconds the writer spent, on whatever batches
+        # Seconds the arrivals asked of the pipeline: inline batches as they took, and
+        # for each message spooled instead what its pipeline run will cost. While they
+        # would saturate the writer, it spools (and does not drain the spool); draining
+        # does not count here, or it would keep itself spooling.
+        self._demand = _Decayed()
+        # Pipeline seconds per message in a batch of at least COST_BATCH (a moving
+        # average): what draining a spooled message costs. Small batches are not
+        # counted: their commit's fixed cost, spread over one or two messages, would
+        # make 100 messages/second look like a burst.
+        self._cost = 0.002
+        # The spool as this writer knows it: how many, and per spooled batch [count
+        # left, monotonic time spooled], oldest first (for `spool_seconds`).
+        self._spooled = 0
+        self._spool_batches: collections.deque[list[float]] = collections.deque()
+        self._retry_at = 0.0
+        self._spool_empty = threading.Event()
+        self._spool_empty.set()
 
     def start(self) -> None:
         self._stopping = False
+        self._spool_empty.clear()  # until the writer has looked at what is there
         self._thread = threading.Thread(target=self._run, name="intake-writer", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
-        """Finish every submitted message, then stop the writer thread."""
+        """Finish every submitted message, then stop the writer thread.
+
+        Spooled messages stay in the spool, committed: the next start processes them."""
         if self._thread is None:
             return
         self._stopping = True
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        if self._spooled:
+            log.info("intake: %d spooled message(s) wait for the next start", self._spooled)
 
-    async def submit(self, inbound: Inbound) -> Disposition:
+    async def submit(self, inbound: Inbound, *, deferrable: bool = False) -> Disposition:
+        """Ingest one message; with `deferrable`, under a burst it may be spooled instead
+        (committed all the same) and answered `Outcome.QUEUED`."""
         if self._thread is None or self._stopping:
             # After stop() began, a job queued behind the stop marker would never be
             # answered; refusing it makes SMTP say 451 and the sender retry later.
             raise StoreUnavailable("intake is not running")
         loop = asyncio.get_running_loop()
-        job = _Job(inbound, loop.create_future(), loop)
+        job = _Job(inbound, loop.create_future(), loop, deferrable)
         self._queue.put(job)
         return await job.future
 
+    async def spool_drained(self) -> None:
+        """Return once nothing is spooled (every accepted message has been through the
+        pipeline)."""
+        await asyncio.to_thread(self._spool_empty.wait)
+
+    def spooled(self) -> int:
+        """Messages spooled and not yet through the pipeline, as the writer counts them."""
+        return self._spooled
+
     def load(self, now: float | None = None) -> float:
         """About what share of its recent time (a quarter second or so) the writer spent on
-        batches, from 0 to 1.
+        batches, or would have without the spool, from 0 to 1.
 
         An exponentially decayed sum of busy time: `busy / LOAD_TAU` tends to the
         busy fraction under steady load and falls towards 0 once the writer idles.
         """
         now = time.monotonic() if now is None else now
-        busy, at = self._busy, self._busy_at
-        return min(1.0, busy * math.exp(-max(0.0, now - at) / LOAD_TAU) / LOAD_TAU)
+        return min(1.0, max(self._busy.at(now), self._demand.at(now)) / LOAD_TAU)
 
     def note_busy(self, started: float, ended: float) -> None:
-        """Count a batch that kept the writer busy from `started` to `ended` (monotonic)."""
-        self._busy = (self._busy * math.exp(-max(0.0, ended - self._busy_at) / LOAD_TAU)
-                      + (ended - started))
-        self._busy_at = ended
+        """Count a batch of arrivals that kept the writer busy from `started` to `ended`
+        (monotonic)."""
+        self._busy.add(ended, ended - started)
+        self._demand.add(ended, ended - started)
 
     def ingest_now(self, inbound: Inbound) -> Disposition:
         """Synchronous ingest of one message (CLI `quarantine retry`, tests)."""
@@ -148,29 +218,151 @@ class Intake:
     # -- worker thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        self._count_spool()
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=self._wait(time.monotonic()))
+            except queue.Empty:  # nothing arrived meanwhile: time for the spool
+                self._drain()
+                continue
             if first is _STOP:
                 return
-            jobs = [first]
-            size = len(first.inbound.raw) if isinstance(first, _Job) else 0
-            stop = False
-            while len(jobs) < self.batch_max and size < self.batch_bytes:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                jobs.append(nxt)
-                if isinstance(nxt, _Job):
-                    size += len(nxt.inbound.raw)
-            started = time.monotonic()
-            self._run_batch([j for j in jobs if isinstance(j, _Job)])
-            self.note_busy(started, time.monotonic())
+            jobs, stop = self._gather(first)
+            self._take(jobs)
+            now = time.monotonic()
+            if self._spooled and self._overdue(now) and now >= self._retry_at:
+                self._drain()  # one spool batch per batch of arrivals
             if stop:
                 return
+
+    def _gather(self, first: object) -> tuple[list[_Job], bool]:
+        """`first` and whatever else waits, up to the batch limits; True if a stop came."""
+        assert isinstance(first, _Job)
+        jobs = [first]
+        size = len(first.inbound.raw)
+        while len(jobs) < self.batch_max and size < self.batch_bytes:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                return jobs, True
+            assert isinstance(nxt, _Job)
+            jobs.append(nxt)
+            size += len(nxt.inbound.raw)
+        return jobs, False
+
+    def _take(self, jobs: list[_Job]) -> None:
+        """Run a batch of arrivals: spool the deferrable ones under a burst (or behind
+        a spool), run the rest through the pipeline."""
+        started = time.monotonic()
+        later = [j for j in jobs if j.deferrable] if self.spool_seconds > 0 else []
+        # A burst: arrivals queue up (more than one waited for this batch) and would keep
+        # the writer saturated. One message at a time never is one, however slow.
+        if later and (self._spooled or (
+                len(later) > 1 and self._demand.at(started) / LOAD_TAU >= SATURATED)):
+            now_ = [j for j in jobs if not j.deferrable]
+            self._spool(later)
+        else:
+            now_, later = jobs, []
+        if now_:
+            self._run_batch(now_)
+        ended = time.monotonic()
+        self._busy.add(ended, ended - started)
+        if later:
+            self._demand.add(ended, len(later) * self._cost)
+        else:
+            self._demand.add(ended, ended - started)
+            self._learn_cost(ended - started, len(now_))
+
+    def _learn_cost(self, seconds: float, messages: int) -> None:
+        if messages >= COST_BATCH:
+            self._cost = 0.8 * self._cost + 0.2 * seconds / messages
+
+    def _wait(self, now: float) -> float | None:
+        """How long the writer may wait for arrivals before it turns to the spool."""
+        if not self._spooled:
+            return None
+        if now < self._retry_at:
+            return self._retry_at - now
+        if self._overdue(now):
+            return 0.0
+        demand = self._demand.at(now) / LOAD_TAU
+        if demand < SATURATED:
+            return 0.0
+        # Until the arrivals so far would no longer saturate the writer.
+        return LOAD_TAU * math.log(demand / SATURATED) + 0.001
+
+    def _overdue(self, now: float) -> bool:
+        return bool(self._spool_batches) and now - self._spool_batches[0][1] >= self.spool_seconds
+
+    def _count_spool(self) -> None:
+        """What an earlier run left in the spool is processed first (it is overdue)."""
+        try:
+            with self.sessions() as session:
+                left = spool.count(session)
+        except Exception as exc:
+            # The first drain will find them: it runs whenever anything is spooled.
+            log.error("intake: could not count the spool: %s", exc)
+            left = 0
+        if left:
+            log.info("intake: %d spooled message(s) from an earlier run", left)
+            self._spool_added(left, -math.inf)
+        else:
+            self._spool_empty.set()
+
+    def _spool_added(self, count: int, at: float) -> None:
+        self._spooled += count
+        self._spool_batches.append([count, at])
+        self._spool_empty.clear()
+
+    def _spool(self, jobs: list[_Job]) -> None:
+        results: list[Disposition] | BaseException
+        try:
+            # A Core connection, not a session: a fifth of the writer's cost per message.
+            with self.sessions.kw["bind"].begin() as connection:
+                spool.put(connection, [j.inbound for j in jobs])
+        except Exception as exc:
+            log.error("store: %d message(s) not spooled: %s", len(jobs), exc)
+            results = StoreUnavailable(str(exc))
+        else:
+            self._spool_added(len(jobs), time.monotonic())
+            results = [Disposition(Outcome.QUEUED, reason="spooled under a burst")] * len(jobs)
+        self._answer(jobs, results)
+
+    def _drain(self) -> None:
+        """Run the oldest spooled messages through the pipeline, one batch."""
+        started = time.monotonic()
+        try:
+            with self.sessions() as session:
+                ids = spool.next_batch(session, SPOOL_BATCH, self.batch_bytes)
+            if not ids:  # another daemon on the same database took them
+                self._spooled = 0
+            else:
+                inbounds, results = self._process(claim=ids)
+                for inbound, result in zip(inbounds, results, strict=True):
+                    log_disposition(inbound, result)
+                self._spooled = max(0, self._spooled - len(ids))
+        except Exception as exc:
+            log.error("store: spooled messages not processed, again in %.0f s: %s",
+                      SPOOL_RETRY_S, exc)
+            self._retry_at = time.monotonic() + SPOOL_RETRY_S
+            return
+        finally:
+            ended = time.monotonic()
+            self._busy.add(ended, ended - started)
+        self._learn_cost(ended - started, len(ids))
+        taken = len(ids)
+        while taken and self._spool_batches:
+            first = self._spool_batches[0]
+            used = min(taken, int(first[0]))
+            first[0] -= used
+            taken -= used
+            if first[0] <= 0:
+                self._spool_batches.popleft()
+        if not self._spooled:
+            self._spool_batches.clear()
+            self._spool_empty.set()
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         try:
@@ -180,6 +372,9 @@ class Intake:
         except Exception as exc:
             log.error("store: batch of %d message(s) not committed: %s", len(jobs), exc)
             results = StoreUnavailable(str(exc))
+        self._answer(jobs, results)
+
+    def _answer(self, jobs: list[_Job], results: list[Disposition] | BaseException) -> None:
         # One wake-up per event loop and batch, not per message: each wake-up is a write
         # to the loop's self-pipe and a turn of the loop.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Disposition],
@@ -190,40 +385,57 @@ class Intake:
             loop.call_soon_threadsafe(_resolve, futures, results)
 
     def _process_batch(self, inbounds: list[Inbound]) -> list[Disposition]:
+        return self._process(inbounds)[1]
+
+    def _process(
+        self, inbounds: list[Inbound] | None = None, claim: list[int] | None = None,
+    ) -> tuple[list[Inbound], list[Disposition]]:
+        """The pipeline over `inbounds`, or over the spooled messages `claim` names (taken
+        out of the spool in the same transaction); returns what ran and its results."""
         now = self.clock()
         try:
-            results = self._fast(inbounds, now)
+            inbounds, results = self._fast(inbounds, claim, now)
         except Exception as exc:
             # Nothing of the batch is stored: go again, one savepoint per message.
             self.redone += 1
             log.info("intake: batch of %d redone message by message (%s: %s)",
-                     len(inbounds), type(exc).__name__, str(exc)[:200])
-            results = self._safe(inbounds, now)
-        if self.on_commit is not None:
+                     len(inbounds or claim or ()), type(exc).__name__, str(exc)[:200])
+            inbounds, results = self._safe(inbounds, claim, now)
+        if self.on_commit is not None and results:
             # Committed is committed: a failing wake-up must not turn into a 451.
             try:
                 self.on_commit(results)
             except Exception:
                 log.exception("intake: after-commit callback failed")
-        return results
+        return inbounds, results
 
-    def _fast(self, inbounds: list[Inbound], now: dt.datetime) -> list[Disposition]:
+    def _fast(
+        self, inbounds: list[Inbound] | None, claim: list[int] | None, now: dt.datetime,
+    ) -> tuple[list[Inbound], list[Disposition]]:
         """The whole batch, autoflush off, one flush at the commit; raises on any failure."""
         with self.sessions() as session:
             track(session)
             try:
                 with session.begin(), session.no_autoflush:
+                    if claim is not None:
+                        inbounds = spool.claim(session, claim)
+                    assert inbounds is not None
                     mails = self.pipeline.prepare(session, inbounds, now)
                     results = [self.pipeline.ingest(session, inbound, now, mail)
                                for inbound, mail in zip(inbounds, mails, strict=True)]
                     finish(session)
-                return results
+                return inbounds, results
             finally:
                 untrack(session)
 
-    def _safe(self, inbounds: list[Inbound], now: dt.datetime) -> list[Disposition]:
+    def _safe(
+        self, inbounds: list[Inbound] | None, claim: list[int] | None, now: dt.datetime,
+    ) -> tuple[list[Inbound], list[Disposition]]:
         with self.sessions() as session, session.begin():
-            return [self._one(session, inbound, now) for inbound in inbounds]
+            if claim is not None:
+                inbounds = spool.claim(session, claim)
+            assert inbounds is not None
+            return inbounds, [self._one(session, inbound, now) for inbound in inbounds]
 
     def _one(self, session: Session, inbound: Inbound, now: dt.datetime) -> Disposition:
         try:
@@ -239,6 +451,13 @@ class Intake:
         log.warning("message from %s quarantined as #%d: %s: %s", inbound.source, row.id,
                     error.stage, error.reason)
         return Disposition(Outcome.QUARANTINED, reason=f"{error.stage}: {error.reason}")
+
+
+def log_disposition(inbound: Inbound, result: Disposition) -> None:
+    """The daemon's one log line per message: its Message-ID, outcome and ticket."""
+    log.info("%s: message %s -> %s%s%s", inbound.source, result.message_id or "-",
+             result.outcome.value, f" ticket {result.ticket}" if result.ticket else "",
+             f" ({result.reason})" if result.reason else "")
 
 
 def _resolve(

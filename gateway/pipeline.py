@@ -87,6 +87,7 @@ class Outcome(enum.StrEnum):
     IGNORED = "ignored"  # unmatched delivery report
     QUARANTINED = "quarantined"
     COMMAND = "command"  # a chat command answered (/start, /status, /close, ...)
+    QUEUED = "queued"  # committed to the spool under a burst; the pipeline runs later
 
 
 @dataclass(frozen=True, slots=True)

@@ -304,6 +304,29 @@ class QuarantineRow(Base):
     state: Mapped[str] = mapped_column(String(16), default="held")  # held | retried
 
 
+class SpoolRow(Base):
+    """A message accepted under a burst and not yet through the pipeline.
+
+    Under a burst the intake commits the raw message here and the channel
+    acknowledges it (SMTP 250); the writer turns it into its ticket once the
+    burst has passed, deleting the row in the transaction that stores the
+    result (docs/design.md, "Accept first under a burst").
+    """
+
+    __tablename__ = "spool"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    channel: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(200))
+    mail_from: Mapped[str | None] = mapped_column(Text)
+    rcpt_tos: Mapped[list[str]] = mapped_column(JSON, default=list)
+    channel_message_id: Mapped[str | None] = mapped_column(Text)
+    # Read before the bytes, so a drain batch can be bounded by size.
+    size: Mapped[int] = mapped_column(Integer)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Counter(Base):
     """Named counters (the daily ticket-number sequence)."""
 

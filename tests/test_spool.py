@@ -1,0 +1,300 @@
+"""Accept first under a burst: SMTP answers 250 from the spool, the tickets follow.
+
+While the intake writer cannot keep up (arrivals queue up and would keep it
+saturated), SMTP messages are committed to the spool as raw bytes and answered
+"250 ... queued"; the writer makes their tickets when the burst has passed, in
+the order they came, and deletes each spool row in the transaction that stores
+the result. Other channels, and one message at a time, never wait in the spool.
+
+A burst is made without timing: the writer is held inside its first message
+(a gate in `Pipeline.prepare`) while more messages queue behind it, and the
+load it sees is raised with `note_busy`, as a long batch would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from sqlalchemy import func, select, text
+from support.app import demo_config
+from support.mailer import make_mail, send
+from support.sink import SmtpSink
+
+from gateway.config import Settings, parse_settings
+from gateway.daemon import App
+from gateway.intake import LOAD_TAU, Intake
+from gateway.mail.transport import SmtpTransport
+from gateway.message import Channel, Inbound
+from gateway.outbox import SATURATED
+from gateway.pipeline import Outcome
+from gateway.store import spool
+from gateway.store.models import Article, OutboxRow, QuarantineRow, SpoolRow, Ticket
+
+
+def smtp_port(app: App) -> int:
+    return app.channels[0].port  # type: ignore[attr-defined,no-any-return]
+
+
+def count(app: App, model: Any, *where: Any) -> int:
+    with app.sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+def mail_in(raw: bytes, mail_from: str | None = "dana@users.test") -> Inbound:
+    return Inbound(Channel.EMAIL, raw, dt.datetime.now(dt.UTC), "smtp", mail_from,
+                   ("help@helpdesk.test",))
+
+
+def saturate(app: App) -> None:
+    """As if the writer had just spent a whole second on one batch."""
+    now = time.monotonic()
+    app.intake.note_busy(now - 1.0, now)
+
+
+class Gate:
+    """Holds the intake writer inside the next batch it starts, until `open()`."""
+
+    def __init__(self, app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        prepare = app.pipeline.prepare
+
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            if not self.released.is_set():
+                self.entered.set()
+                self.released.wait(30)
+            return prepare(*args, **kwargs)
+
+        monkeypatch.setattr(app.pipeline, "prepare", gated)
+
+    async def held(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 30), "the writer never started"
+
+    def open(self) -> None:
+        self.released.set()
+
+
+async def queued_behind(app: App, n: int) -> None:
+    """Until `n` messages wait in the writer's queue (behind the held batch)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while app.intake._queue.qsize() < n:
+        assert loop.time() < deadline, f"{n} messages never reached the intake"
+        await asyncio.sleep(0.01)
+
+
+async def burst(app: App, monkeypatch: pytest.MonkeyPatch,
+                first: Callable[[], Awaitable[Any]],
+                behind: list[Callable[[], Awaitable[Any]]]) -> tuple[Any, list[Any]]:
+    """`first` runs alone and holds the writer; `behind` queue up meanwhile, in their
+    order; then the writer, saturated, takes them as one batch."""
+    gate = Gate(app, monkeypatch)
+    head = asyncio.ensure_future(first())
+    await gate.held()
+    rest = []
+    for i, job in enumerate(behind, 1):  # one at a time: their order is the queue's
+        rest.append(asyncio.ensure_future(job()))
+        await queued_behind(app, i)
+    saturate(app)
+    gate.open()
+    return await head, list(await asyncio.gather(*rest))
+
+
+async def test_a_burst_is_answered_from_the_spool_and_its_tickets_follow_in_order(
+        app: App, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = smtp_port(app)
+    question = make_mail("Entry missing", message_id="<q1@users.test>")
+    more = make_mail("More detail", sender="Dana User <dana@users.test>",
+                     in_reply_to="<q1@users.test>", references="<q1@users.test>")
+    other = make_mail("Cannot log in", sender="Eve <eve@users.test>")
+    head, rest = await burst(app, monkeypatch, lambda: send(port, make_mail("First")), [
+        lambda: send(port, question),
+        lambda: send(port, more),
+        lambda: send(port, other, mail_from="eve@users.test"),
+    ])
+    assert head[0] == 250 and "created" in head[1]
+    assert [r for r in rest] == [(250, "2.0.0 OK queued")] * 3
+    # Committed before the 250: the three are in the spool or already through it.
+    await app.intake.spool_drained()
+    assert count(app, SpoolRow) == 0
+    assert count(app, Ticket) == 3  # First, the question (with its follow-up), Eve's
+    with app.sessions() as s:
+        asked = s.scalar(select(Ticket).where(Ticket.subject == "Entry missing"))
+        assert asked is not None
+        subjects = list(s.scalars(select(Article.subject).where(
+            Article.ticket_id == asked.id).order_by(Article.id)))
+    # The follow-up came after its question and found the ticket the question made.
+    assert subjects == ["Entry missing", "More detail"]
+    # Each new ticket got its acknowledgement and its agent's notification, and the
+    # follow-up its notification (First Line has one agent).
+    assert count(app, OutboxRow) == 3 * 2 + 1
+
+
+async def test_one_message_at_a_time_is_never_spooled(app: App) -> None:
+    saturate(app)
+    code, reply = await send(smtp_port(app), make_mail("Alone"))
+    assert code == 250 and "created" in reply
+    assert count(app, Ticket) == 1
+
+
+async def test_other_channels_are_never_spooled(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    # IMAP, Telegram and the web form acknowledge with what the pipeline made (the web
+    # form answers with the ticket number): they always wait for it.
+    head, rest = await burst(app, monkeypatch, lambda: app.submit(mail_in(make_mail("a"))), [
+        lambda: app.submit(mail_in(make_mail("b"))),
+        lambda: app.submit(mail_in(make_mail("c"))),
+    ])
+    assert [r.outcome for r in [head, *rest]] == [Outcome.CREATED] * 3
+    assert app.intake.spooled() == 0
+
+
+async def test_a_new_message_waits_behind_the_spool(
+        app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once anything is spooled, SMTP mail joins the spool behind it even in a lull, so
+    a follow-up is never processed before its question."""
+    _, rest = await burst(app, monkeypatch, lambda: app.accept(mail_in(make_mail("a"))), [
+        lambda: app.accept(mail_in(make_mail("b"))),
+        lambda: app.accept(mail_in(make_mail("c"))),
+    ])
+    assert [r.outcome for r in rest] == [Outcome.QUEUED] * 2
+    await app.intake.spool_drained()
+    assert count(app, Ticket) == 3
+
+
+async def attempt(port: int, raw: bytes) -> tuple[int, str]:
+    """`send`, with a refused DATA as its (code, text) instead of an exception."""
+    try:
+        return await send(port, raw)
+    except aiosmtplib.SMTPDataError as exc:
+        return exc.code, exc.message
+
+
+async def test_store_failure_while_spooling_is_answered_451(
+        app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = smtp_port(app)
+    with app.engine.begin() as c:
+        c.execute(text("ALTER TABLE spool RENAME TO spool_away"))
+    try:
+        _, rest = await burst(app, monkeypatch, lambda: attempt(port, make_mail("a")), [
+            lambda: attempt(port, make_mail("b")),
+            lambda: attempt(port, make_mail("c")),
+        ])
+    finally:
+        with app.engine.begin() as c:
+            c.execute(text("ALTER TABLE spool_away RENAME TO spool"))
+    # The sender keeps the messages and tries again: nothing was acknowledged.
+    assert [code for code, _ in rest] == [451, 451]
+    assert count(app, Ticket) == 1
+
+
+@asynccontextmanager
+async def running(settings: Settings, sink: SmtpSink) -> AsyncIterator[App]:
+    transport = SmtpTransport("127.0.0.1", sink.port, starttls=False, username="",
+                              password="", timeout=5)
+    app = App(settings, transport=transport)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+async def test_burst_queue_seconds_0_answers_every_message_with_its_ticket(
+        tmp_path: Path, db_url: str, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = parse_settings(demo_config(tmp_path, db_url, smtp={"burst_queue_seconds": 0}),
+                              base_dir=tmp_path, environ={})
+    async with running(settings, sink) as app:
+        _, rest = await burst(app, monkeypatch, lambda: app.accept(mail_in(make_mail("a"))), [
+            lambda: app.accept(mail_in(make_mail("b"))),
+            lambda: app.accept(mail_in(make_mail("c"))),
+        ])
+        assert [r.outcome for r in rest] == [Outcome.CREATED] * 2
+
+
+async def test_what_a_stopped_daemon_left_in_the_spool_is_processed_at_the_next_start(
+        settings: Settings, sink: SmtpSink) -> None:
+    """A crash (or a stop) after the 250 and before the ticket: the rows wait on disk,
+    and the next start makes their tickets before anything else."""
+    first = App(settings)
+    with first.sessions() as s, s.begin():
+        spool.put(s, [mail_in(make_mail("Left behind")),
+                      mail_in(make_mail("Who am I", sender=""), mail_from=None)])
+    first.engine.dispose()
+    async with running(settings, sink) as app:
+        await app.intake.spool_drained()
+        assert count(app, SpoolRow) == 0
+        assert count(app, Ticket, Ticket.subject == "Left behind") == 1
+        # A message the pipeline refuses is quarantined with its bytes, not lost.
+        with app.sessions() as s:
+            held = s.scalars(select(QuarantineRow)).all()
+        assert len(held) == 1 and b"Who am I" in held[0].raw
+        assert held[0].source == "smtp"
+
+
+def test_a_claim_rolled_back_leaves_the_spool_as_it_was(app: App) -> None:
+    with app.sessions() as s, s.begin():
+        spool.put(s, [mail_in(make_mail("one")), mail_in(make_mail("two"))])
+    with app.sessions() as s:
+        ids = spool.next_batch(s, 16, 1 << 20)
+    assert len(ids) == 2
+    with app.sessions() as s:
+        s.begin()
+        claimed = spool.claim(s, ids)
+        assert [b"Subject: one" in m.raw for m in claimed] == [True, False]
+        assert claimed[0].rcpt_tos == ("help@helpdesk.test",)
+        assert claimed[0].mail_from == "dana@users.test"
+        s.rollback()  # the pipeline failed: nothing of the batch is stored
+    assert count(app, SpoolRow) == 2
+    with app.sessions() as s, s.begin():
+        assert len(spool.claim(s, ids)) == 2
+    assert count(app, SpoolRow) == 0
+
+
+def test_a_drain_batch_is_bounded_by_size(app: App) -> None:
+    big = make_mail("big", body="x" * 5000 + "\n")
+    with app.sessions() as s, s.begin():
+        spool.put(s, [mail_in(big)] * 3)
+    with app.sessions() as s:
+        assert len(spool.next_batch(s, 16, 12_000)) == 2
+        assert len(spool.next_batch(s, 16, 100)) == 1  # the first alone, however large
+        assert len(spool.next_batch(s, 2, 1 << 20)) == 2
+
+
+def waiting(intake: Intake, now: float) -> float | None:
+    """How long the writer would wait for arrivals before turning to the spool."""
+    return intake._wait(now)
+
+
+def idle_intake(app: App) -> Intake:
+    """An intake whose writer is not running: its decisions, step by step."""
+    return Intake(app.pipeline, app.sessions, spool_seconds=10)
+
+
+def test_the_writer_turns_to_the_spool_once_arrivals_would_not_saturate_it(app: App) -> None:
+    intake = idle_intake(app)
+    now = 1000.0
+    assert waiting(intake, now) is None  # nothing spooled: wait for arrivals
+    intake._spool_added(10, now)
+    intake._demand.add(now, 4 * LOAD_TAU)  # arrivals worth four times the writer
+    wait = waiting(intake, now)
+    assert wait is not None and wait > 0
+    # Exactly when the decaying demand falls to the saturation mark.
+    assert intake._demand.at(now + wait) / LOAD_TAU == pytest.approx(SATURATED, rel=0.01)
+    assert waiting(intake, now + wait) == 0.0
+
+
+def test_an_overdue_spool_is_drained_even_under_a_burst(app: App) -> None:
+    intake = idle_intake(app)
+    now = 1000.0
+    intake._spool_added(10, now)
+    intake._demand.add(now + intake.spool_seconds, 100 * LOAD_TAU)  # still a burst
+    assert waiting(intake, now + intake.spool_seconds) == 0.0
