@@ -72,6 +72,9 @@ SPOOL_RETRY_S = 1.0
 # waits a few tens of milliseconds at most, large enough to share the commit.
 SPOOL_BATCH = 16
 COST_BATCH = 8
+# Deferrable messages waiting for one batch that make it a burst whatever the load: at
+# 100 messages/second a batch of a few milliseconds almost never finds two waiting.
+QUEUE_FORMED = 4
 
 
 class StoreUnavailable(Exception):
@@ -258,8 +261,10 @@ class Intake:
         started = time.monotonic()
         later = [j for j in jobs if j.deferrable] if self.spool_seconds > 0 else []
         # A burst: arrivals queue up (more than one waited for this batch) and would keep
-        # the writer saturated. One message at a time never is one, however slow.
-        if later and (self._spooled or (
+        # the writer saturated, or a queue has formed at once (a burst's first batches,
+        # before the load measure has seen it). One message at a time never is one,
+        # however slow.
+        if later and (self._spooled or len(later) >= QUEUE_FORMED or (
                 len(later) > 1 and self._demand.at(started) / LOAD_TAU >= SATURATED)):
             now_ = [j for j in jobs if not j.deferrable]
             self._spool(later)
@@ -454,8 +459,11 @@ class Intake:
 
 
 def log_disposition(inbound: Inbound, result: Disposition) -> None:
-    """The daemon's one log line per message: its Message-ID, outcome and ticket."""
-    log.info("%s: message %s -> %s%s%s", inbound.source, result.message_id or "-",
+    """The daemon's one log line per message: its Message-ID, outcome and ticket. (A
+    spooled message gets its line when the pipeline has run on it; being spooled is
+    only worth a debug line.)"""
+    level = logging.DEBUG if result.outcome == Outcome.QUEUED else logging.INFO
+    log.log(level, "%s: message %s -> %s%s%s", inbound.source, result.message_id or "-",
              result.outcome.value, f" ticket {result.ticket}" if result.ticket else "",
              f" ({result.reason})" if result.reason else "")
 

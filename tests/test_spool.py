@@ -6,15 +6,17 @@ saturated), SMTP messages are committed to the spool as raw bytes and answered
 the order they came, and deletes each spool row in the transaction that stores
 the result. Other channels, and one message at a time, never wait in the spool.
 
-A burst is made without timing: the writer is held inside its first message
-(a gate in `Pipeline.prepare`) while more messages queue behind it, and the
-load it sees is raised with `note_busy`, as a long batch would.
+A burst is made without timing: the writer is held as it takes the first
+message (a gate before it gathers a batch) while more messages queue behind
+it, so they all make one batch; the load it sees is raised with `note_busy`,
+as a long batch would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -61,20 +63,21 @@ def saturate(app: App) -> None:
 
 
 class Gate:
-    """Holds the intake writer inside the next batch it starts, until `open()`."""
+    """Holds the intake writer, once it has taken a message, before it gathers what
+    else waits into the batch, until `open()`."""
 
     def __init__(self, app: App, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered = threading.Event()
         self.released = threading.Event()
-        prepare = app.pipeline.prepare
+        gather = app.intake._gather
 
-        def gated(*args: Any, **kwargs: Any) -> Any:
+        def gated(first: object) -> Any:
             if not self.released.is_set():
                 self.entered.set()
                 self.released.wait(30)
-            return prepare(*args, **kwargs)
+            return gather(first)
 
-        monkeypatch.setattr(app.pipeline, "prepare", gated)
+        monkeypatch.setattr(app.intake, "_gather", gated)
 
     async def held(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, 30), "the writer never started"
@@ -94,9 +97,11 @@ async def queued_behind(app: App, n: int) -> None:
 
 async def burst(app: App, monkeypatch: pytest.MonkeyPatch,
                 first: Callable[[], Awaitable[Any]],
-                behind: list[Callable[[], Awaitable[Any]]]) -> tuple[Any, list[Any]]:
-    """`first` runs alone and holds the writer; `behind` queue up meanwhile, in their
-    order; then the writer, saturated, takes them as one batch."""
+                behind: list[Callable[[], Awaitable[Any]]],
+                saturated: bool = True) -> tuple[Any, list[Any]]:
+    """The writer takes `first` and is held; `behind` queue up meanwhile, in their
+    order; then the writer (`saturated`: as after a long batch) takes them all as one
+    batch."""
     gate = Gate(app, monkeypatch)
     head = asyncio.ensure_future(first())
     await gate.held()
@@ -104,13 +109,16 @@ async def burst(app: App, monkeypatch: pytest.MonkeyPatch,
     for i, job in enumerate(behind, 1):  # one at a time: their order is the queue's
         rest.append(asyncio.ensure_future(job()))
         await queued_behind(app, i)
-    saturate(app)
+    if saturated:
+        saturate(app)
     gate.open()
     return await head, list(await asyncio.gather(*rest))
 
 
 async def test_a_burst_is_answered_from_the_spool_and_its_tickets_follow_in_order(
-        app: App, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch) -> None:
+        app: App, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.intake")
     port = smtp_port(app)
     question = make_mail("Entry missing", message_id="<q1@users.test>")
     more = make_mail("More detail", sender="Dana User <dana@users.test>",
@@ -121,9 +129,8 @@ async def test_a_burst_is_answered_from_the_spool_and_its_tickets_follow_in_orde
         lambda: send(port, more),
         lambda: send(port, other, mail_from="eve@users.test"),
     ])
-    assert head[0] == 250 and "created" in head[1]
-    assert [r for r in rest] == [(250, "2.0.0 OK queued")] * 3
-    # Committed before the 250: the three are in the spool or already through it.
+    assert [head, *rest] == [(250, "2.0.0 OK queued")] * 4
+    # Committed before the 250: the four are in the spool or already through it.
     await app.intake.spool_drained()
     assert count(app, SpoolRow) == 0
     assert count(app, Ticket) == 3  # First, the question (with its follow-up), Eve's
@@ -134,6 +141,10 @@ async def test_a_burst_is_answered_from_the_spool_and_its_tickets_follow_in_orde
             Article.ticket_id == asked.id).order_by(Article.id)))
     # The follow-up came after its question and found the ticket the question made.
     assert subjects == ["Entry missing", "More detail"]
+    # Its one log line, once its ticket exists: Message-ID, outcome, ticket number.
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert f"smtp: message q1@users.test -> created ticket {asked.number}" in lines
+    assert not any("queued" in line for line in lines)
     # Each new ticket got its acknowledgement and its agent's notification, and the
     # follow-up its notification (First Line has one agent).
     assert count(app, OutboxRow) == 3 * 2 + 1
@@ -144,6 +155,26 @@ async def test_one_message_at_a_time_is_never_spooled(app: App) -> None:
     code, reply = await send(smtp_port(app), make_mail("Alone"))
     assert code == 250 and "created" in reply
     assert count(app, Ticket) == 1
+
+
+async def test_two_waiting_are_no_burst_unless_the_writer_is_saturated(
+        app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, rest = await burst(app, monkeypatch, lambda: app.accept(mail_in(make_mail("a"))), [
+        lambda: app.accept(mail_in(make_mail("b"))),
+        lambda: app.accept(mail_in(make_mail("c"))),
+    ], saturated=False)
+    assert [r.outcome for r in rest] == [Outcome.CREATED] * 2
+
+
+async def test_four_waiting_at_once_are_a_burst(
+        app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst's first batches: the queue is there before the load measure has seen it."""
+    _, rest = await burst(app, monkeypatch, lambda: app.accept(mail_in(make_mail("a"))), [
+        (lambda n=n: app.accept(mail_in(make_mail(n)))) for n in "bcde"
+    ], saturated=False)
+    assert [r.outcome for r in rest] == [Outcome.QUEUED] * 4
+    await app.intake.spool_drained()
+    assert count(app, Ticket) == 5
 
 
 async def test_other_channels_are_never_spooled(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,6 +199,20 @@ async def test_a_new_message_waits_behind_the_spool(
     assert [r.outcome for r in rest] == [Outcome.QUEUED] * 2
     await app.intake.spool_drained()
     assert count(app, Ticket) == 3
+    # Once anything is spooled, a message alone joins the spool behind it.
+    saturate(app)
+    gate = Gate(app, monkeypatch)
+    head = asyncio.ensure_future(app.accept(mail_in(make_mail("d"))))
+    await gate.held()
+    with app.sessions() as s, s.begin():  # one still waits there
+        spool.put(s, [mail_in(make_mail("waiting"))])
+    app.intake._spool_added(1, time.monotonic())
+    gate.open()
+    assert (await head).outcome == Outcome.QUEUED
+    await app.intake.spool_drained()
+    with app.sessions() as s:
+        subjects = list(s.scalars(select(Ticket.subject).order_by(Ticket.id)))
+    assert subjects[-2:] == ["waiting", "d"]
 
 
 async def attempt(port: int, raw: bytes) -> tuple[int, str]:
@@ -184,7 +229,7 @@ async def test_store_failure_while_spooling_is_answered_451(
     with app.engine.begin() as c:
         c.execute(text("ALTER TABLE spool RENAME TO spool_away"))
     try:
-        _, rest = await burst(app, monkeypatch, lambda: attempt(port, make_mail("a")), [
+        head, rest = await burst(app, monkeypatch, lambda: attempt(port, make_mail("a")), [
             lambda: attempt(port, make_mail("b")),
             lambda: attempt(port, make_mail("c")),
         ])
@@ -192,8 +237,8 @@ async def test_store_failure_while_spooling_is_answered_451(
         with app.engine.begin() as c:
             c.execute(text("ALTER TABLE spool_away RENAME TO spool"))
     # The sender keeps the messages and tries again: nothing was acknowledged.
-    assert [code for code, _ in rest] == [451, 451]
-    assert count(app, Ticket) == 1
+    assert [code for code, _ in [head, *rest]] == [451, 451, 451]
+    assert count(app, Ticket) == 0
 
 
 @asynccontextmanager
