@@ -70,7 +70,7 @@ LOAD_TAU = 0.25
 SPOOL_RETRY_S = 1.0
 # Spooled messages per pipeline batch: small enough that a message arriving meanwhile
 # waits a few tens of milliseconds at most, large enough to share the commit.
-SPOOL_BATCH = 16
+SPOOL_BATCH = 8
 COST_BATCH = 8
 # Deferrable messages waiting for one batch that make it a burst whatever the load: at
 # 100 messages/second a batch of a few milliseconds almost never finds two waiting.
