@@ -341,13 +341,16 @@ class Intake:
         try:
             with self.sessions() as session:
                 ids = spool.next_batch(session, SPOOL_BATCH, self.batch_bytes)
-            if not ids:  # another daemon on the same database took them
+            if not ids:  # the spool is empty: only a look that finds it so ends it
                 self._spooled = 0
             else:
                 inbounds, results = self._process(claim=ids)
                 for inbound, result in zip(inbounds, results, strict=True):
                     log_disposition(inbound, result)
-                self._spooled = max(0, self._spooled - len(ids))
+                # The count is this writer's: rows it did not count (another daemon's on
+                # the same database, whose drain then took some of ours) are there all
+                # the same, so it looks again rather than take its count for the table.
+                self._spooled = max(1, self._spooled - len(ids))
         except Exception as exc:
             log.error("store: spooled messages not processed, again in %.0f s: %s",
                       SPOOL_RETRY_S, exc)

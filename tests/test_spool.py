@@ -343,3 +343,32 @@ def test_an_overdue_spool_is_drained_even_under_a_burst(app: App) -> None:
     intake._spool_added(10, now)
     intake._demand.add(now + intake.spool_seconds, 100 * LOAD_TAU)  # still a burst
     assert waiting(intake, now + intake.spool_seconds) == 0.0
+
+
+def test_rows_another_daemon_spooled_do_not_strand_this_ones(
+        app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two daemons on one database: both drains pick the other's (older) batch, the other
+    claims it first, and this writer's claim finds nothing. Its own rows, behind, are
+    still there and must still be drained."""
+    intake = idle_intake(app)
+    with app.sessions() as s, s.begin():  # the other daemon's, older
+        spool.put(s, [mail_in(make_mail(f"theirs {i}")) for i in range(8)])
+    with app.sessions() as s, s.begin():  # this daemon's
+        spool.put(s, [mail_in(make_mail(f"ours {i}")) for i in range(8)])
+    intake._spool_added(8, time.monotonic())
+    next_batch, claim = spool.next_batch, spool.claim
+
+    def raced(session: Any, limit: int, max_bytes: int) -> list[int]:
+        ids = next_batch(session, limit, max_bytes)
+        monkeypatch.setattr(spool, "next_batch", next_batch)
+        with app.sessions() as other, other.begin():  # the other daemon's drain
+            claim(other, ids)
+        return ids
+
+    monkeypatch.setattr(spool, "next_batch", raced)
+    for _ in range(5):
+        if not intake.spooled():
+            break
+        intake._drain()
+    assert count(app, SpoolRow) == 0
+    assert count(app, Ticket, Ticket.subject.like("ours%")) == 8
