@@ -307,9 +307,11 @@ class Intake:
             with self.sessions() as session:
                 left = spool.count(session)
         except Exception as exc:
-            # The first drain will find them: it runs whenever anything is spooled.
+            # Drain as if something were there: the first drain that finds the spool
+            # empty ends it, and new SMTP mail waits behind what an earlier run left.
             log.error("intake: could not count the spool: %s", exc)
-            left = 0
+            self._spool_added(1, -math.inf)
+            return
         if left:
             log.info("intake: %d spooled message(s) from an earlier run", left)
             self._spool_added(left, -math.inf)

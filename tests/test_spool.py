@@ -372,3 +372,25 @@ def test_rows_another_daemon_spooled_do_not_strand_this_ones(
         intake._drain()
     assert count(app, SpoolRow) == 0
     assert count(app, Ticket, Ticket.subject.like("ours%")) == 8
+
+
+async def test_what_an_earlier_run_left_is_processed_though_the_count_at_start_failed(
+        settings: Settings, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = App(settings)
+    with first.sessions() as s, s.begin():
+        spool.put(s, [mail_in(make_mail("Left behind"))])
+    first.engine.dispose()
+    count_spool = spool.count
+
+    def fails_once(session: Any) -> int:
+        monkeypatch.setattr(spool, "count", count_spool)
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(spool, "count", fails_once)
+    async with running(settings, sink) as app:
+        await app.intake.spool_drained()
+        assert count(app, SpoolRow) == 0
+        await app.accept(mail_in(make_mail("Later")))
+        with app.sessions() as s:
+            subjects = list(s.scalars(select(Ticket.subject).order_by(Ticket.id)))
+        assert subjects == ["Left behind", "Later"]
