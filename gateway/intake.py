@@ -258,6 +258,11 @@ class Intake:
     def _take(self, jobs: list[_Job]) -> None:
         """Run a batch of arrivals: spool the deferrable ones under a burst (or behind
         a spool), run the rest through the pipeline."""
+        if not self.spool_seconds:
+            # Nothing is spooled now, but what a run with the spool on left there goes
+            # first: a follow-up must not overtake its question.
+            while self._spooled and time.monotonic() >= self._retry_at:
+                self._drain()
         started = time.monotonic()
         later = [j for j in jobs if j.deferrable] if self.spool_seconds > 0 else []
         # A burst: arrivals queue up (more than one waited for this batch) and would keep

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,7 +34,7 @@ from support.sink import SmtpSink
 
 from gateway.config import Settings, parse_settings
 from gateway.daemon import App
-from gateway.intake import LOAD_TAU, Intake
+from gateway.intake import LOAD_TAU, Intake, _Job
 from gateway.mail.transport import SmtpTransport
 from gateway.message import Channel, Inbound
 from gateway.outbox import SATURATED
@@ -394,3 +395,21 @@ async def test_what_an_earlier_run_left_is_processed_though_the_count_at_start_f
         with app.sessions() as s:
             subjects = list(s.scalars(select(Ticket.subject).order_by(Ticket.id)))
         assert subjects == ["Left behind", "Later"]
+
+
+async def test_with_burst_queue_seconds_0_what_an_earlier_run_spooled_still_goes_first(
+        app: App) -> None:
+    """Nothing new is spooled, but a follow-up must not overtake its question, left in
+    the spool by a run that had the spool on."""
+    intake = Intake(app.pipeline, app.sessions, spool_seconds=0)
+    with app.sessions() as s, s.begin():
+        spool.put(s, [mail_in(make_mail("Entry missing", message_id="<q1@users.test>"))])
+    intake._spool_added(1, -math.inf)  # as the writer counts it at start
+    loop = asyncio.get_running_loop()
+    follow_up = make_mail("More detail", in_reply_to="<q1@users.test>",
+                          references="<q1@users.test>")
+    job = _Job(mail_in(follow_up), loop.create_future(), loop, deferrable=True)
+    await asyncio.to_thread(intake._take, [job])
+    assert (await job.future).outcome == Outcome.FOLLOWUP
+    assert count(app, SpoolRow) == 0
+    assert count(app, Ticket) == 1
