@@ -27,9 +27,10 @@ message before its ticket exists (SMTP) submits it as `deferrable`. While the
 writer is saturated, such messages are committed to the spool as raw bytes, one
 insert per batch, and answered `Outcome.QUEUED` at once; the writer runs the
 pipeline on the spool, oldest first, when the arrivals would no longer saturate
-it, or when the oldest has waited `spool_seconds`, and then one spool batch per
-batch of arrivals. While anything is spooled, new deferrable messages join the
-spool behind it, so mail is still processed in the order it came.
+it, or when the oldest has waited `spool_seconds`, and then, while it is
+overdue, as many spooled messages as arrived with each batch of arrivals. While
+anything is spooled, new deferrable messages join the spool behind it, so mail is
+still processed in the order it came.
 """
 
 from __future__ import annotations
@@ -232,9 +233,15 @@ class Intake:
                 return
             jobs, stop = self._gather(first)
             self._take(jobs)
+            # Once overdue, as many drained as arrived (in spool batches), or the spool,
+            # and the delay of every ticket, would grow for as long as a storm lasts.
+            owed = len(jobs)
             now = time.monotonic()
-            if self._spooled and self._overdue(now) and now >= self._retry_at:
-                self._drain()  # one spool batch per batch of arrivals
+            while (owed > 0 and self._spooled and self._overdue(now)
+                   and now >= self._retry_at):
+                self._drain()
+                owed -= SPOOL_BATCH
+                now = time.monotonic()
             if stop:
                 return
 

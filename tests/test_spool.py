@@ -34,7 +34,7 @@ from support.sink import SmtpSink
 
 from gateway.config import Settings, parse_settings
 from gateway.daemon import App
-from gateway.intake import LOAD_TAU, Intake, _Job
+from gateway.intake import _STOP, LOAD_TAU, Intake, _Job
 from gateway.mail.transport import SmtpTransport
 from gateway.message import Channel, Inbound
 from gateway.outbox import SATURATED
@@ -413,3 +413,22 @@ async def test_with_burst_queue_seconds_0_what_an_earlier_run_spooled_still_goes
     assert (await job.future).outcome == Outcome.FOLLOWUP
     assert count(app, SpoolRow) == 0
     assert count(app, Ticket) == 1
+
+
+async def test_an_overdue_spool_does_not_grow_under_a_storm(app: App) -> None:
+    """Once the oldest spooled message is overdue, each batch of arrivals is matched by
+    as many drained: with twenty senders each waiting for its 250, a batch of arrivals
+    is twenty messages, and draining eight per batch let the spool, and the delay of
+    every ticket, grow for as long as the storm lasted."""
+    intake = idle_intake(app)
+    with app.sessions() as s, s.begin():
+        spool.put(s, [mail_in(make_mail(f"old {i}")) for i in range(24)])
+    loop = asyncio.get_running_loop()
+    jobs = [_Job(mail_in(make_mail(f"new {i}")), loop.create_future(), loop, deferrable=True)
+            for i in range(20)]
+    for job in jobs:
+        intake._queue.put(job)
+    intake._queue.put(_STOP)
+    await asyncio.to_thread(intake._run)  # counts the 24 (overdue), takes the 20, stops
+    assert [(await j).outcome for j in [job.future for job in jobs]] == [Outcome.QUEUED] * 20
+    assert count(app, SpoolRow) <= 24
