@@ -69,6 +69,9 @@ def utcnow() -> dt.datetime:
 LOAD_TAU = 0.25
 # After a spooled batch could not be processed (the store failed), wait this long.
 SPOOL_RETRY_S = 1.0
+# A spooled message that alone failed this many drains in a row is quarantined as it
+# is, so one message the store cannot take does not hold up every message behind it.
+POISON_TRIES = 3
 # Spooled messages per pipeline batch: small enough that a message arriving meanwhile
 # waits a few tens of milliseconds at most, large enough to share the commit.
 SPOOL_BATCH = 8
@@ -156,6 +159,7 @@ class Intake:
         self._spooled = 0
         self._spool_batches: collections.deque[list[float]] = collections.deque()
         self._retry_at = 0.0
+        self._drain_failures = 0  # drains failed in a row; while any, one row at a time
         self._spool_empty = threading.Event()
         self._spool_empty.set()
 
@@ -350,11 +354,18 @@ class Intake:
         self._answer(jobs, results)
 
     def _drain(self) -> None:
-        """Run the oldest spooled messages through the pipeline, one batch."""
+        """Run the oldest spooled messages through the pipeline, one batch.
+
+        After a failed drain the next ones take a single message: a batch that failed
+        for one message's sake then gets through up to it, and that message alone,
+        failing POISON_TRIES times, is quarantined as it is. If the store itself is
+        down, every drain fails and the writer keeps trying every SPOOL_RETRY_S."""
         started = time.monotonic()
+        ids: list[int] = []
         try:
             with self.sessions() as session:
-                ids = spool.next_batch(session, SPOOL_BATCH, self.batch_bytes)
+                ids = spool.next_batch(session, 1 if self._drain_failures else SPOOL_BATCH,
+                                       self.batch_bytes)
             if not ids:  # the spool is empty: only a look that finds it so ends it
                 self._spooled = 0
             else:
@@ -366,6 +377,12 @@ class Intake:
                 # the same, so it looks again rather than take its count for the table.
                 self._spooled = max(1, self._spooled - len(ids))
         except Exception as exc:
+            self._drain_failures += 1
+            if (len(ids) == 1 and self._drain_failures >= POISON_TRIES
+                    and self._set_aside(ids[0], exc)):
+                self._drain_failures = 0
+                self._drained(1)
+                return
             log.error("store: spooled messages not processed, again in %.0f s: %s",
                       SPOOL_RETRY_S, exc)
             self._retry_at = time.monotonic() + SPOOL_RETRY_S
@@ -373,8 +390,29 @@ class Intake:
         finally:
             ended = time.monotonic()
             self._busy.add(ended, ended - started)
+        self._drain_failures = 0
         self._learn_cost(ended - started, len(ids))
-        taken = len(ids)
+        self._drained(len(ids))
+
+    def _set_aside(self, row_id: int, error: Exception) -> bool:
+        """Quarantine spooled message `row_id` as it is; False if that failed too."""
+        detail = f"{type(error).__name__}: {error}"[:2000].replace("\x00", "\\x00")
+        try:
+            with self.sessions() as session, session.begin():
+                for inbound in spool.claim(session, [row_id]):
+                    row = quarantine(session, inbound, StageError(
+                        "spool", f"failed {POISON_TRIES} times", detail), inbound.received_at)
+                    log.warning("spooled message from %s quarantined as #%d: it failed %d "
+                                "times: %s", inbound.source, row.id, POISON_TRIES, detail)
+        except Exception as exc:
+            log.error("store: spooled message %d not quarantined either: %s", row_id, exc)
+            return False
+        if self._spooled:
+            self._spooled = max(1, self._spooled - 1)
+        return True
+
+    def _drained(self, taken: int) -> None:
+        """Count `taken` spooled messages done, oldest first."""
         while taken and self._spool_batches:
             first = self._spool_batches[0]
             used = min(taken, int(first[0]))

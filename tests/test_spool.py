@@ -32,6 +32,7 @@ from support.app import demo_config
 from support.mailer import make_mail, send
 from support.sink import SmtpSink
 
+from gateway import intake as intake_module
 from gateway.config import Settings, parse_settings
 from gateway.daemon import App
 from gateway.intake import _STOP, LOAD_TAU, Intake, _Job
@@ -362,6 +363,7 @@ def test_rows_another_daemon_spooled_do_not_strand_this_ones(
     def raced(session: Any, limit: int, max_bytes: int) -> list[int]:
         ids = next_batch(session, limit, max_bytes)
         monkeypatch.setattr(spool, "next_batch", next_batch)
+        session.rollback()  # the look is over (on SQLite it holds the write lock)
         with app.sessions() as other, other.begin():  # the other daemon's drain
             claim(other, ids)
         return ids
@@ -432,3 +434,49 @@ async def test_an_overdue_spool_does_not_grow_under_a_storm(app: App) -> None:
     await asyncio.to_thread(intake._run)  # counts the 24 (overdue), takes the 20, stops
     assert [(await j).outcome for j in [job.future for job in jobs]] == [Outcome.QUEUED] * 20
     assert count(app, SpoolRow) <= 24
+
+
+async def test_one_message_the_store_cannot_take_does_not_hold_up_the_rest(
+        settings: Settings, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spooled message whose batch cannot be committed at all (here: its own
+    quarantine fails) is tried alone, and after POISON_TRIES failures quarantined as it
+    is; the messages before and after it get their tickets."""
+    monkeypatch.setattr(intake_module, "SPOOL_RETRY_S", 0.01)
+    first = App(settings)
+    with first.sessions() as s, s.begin():
+        spool.put(s, [mail_in(make_mail("before")), mail_in(make_mail("poison")),
+                      mail_in(make_mail("after"))])
+    first.engine.dispose()
+    app = App(settings, transport=SmtpTransport("127.0.0.1", sink.port, starttls=False,
+                                                username="", password="", timeout=5))
+    one = app.intake._one
+    tries = []
+
+    def failing(session: Any, inbound: Inbound, now: dt.datetime) -> Any:
+        if b"Subject: poison" in inbound.raw:
+            tries.append(1)
+            raise RuntimeError("cannot store this one")
+        return one(session, inbound, now)
+
+    original = app.pipeline.ingest
+
+    def refusing(session: Any, inbound: Inbound, *args: Any) -> Any:
+        if b"Subject: poison" in inbound.raw:
+            raise RuntimeError("refused")  # the fast path gives the batch up
+        return original(session, inbound, *args)
+
+    monkeypatch.setattr(app.intake, "_one", failing)
+    monkeypatch.setattr(app.pipeline, "ingest", refusing)
+    await app.start()
+    try:
+        await app.intake.spool_drained()
+    finally:
+        await app.stop()
+    with app.sessions() as s:
+        subjects = list(s.scalars(select(Ticket.subject).order_by(Ticket.id)))
+        held = s.scalars(select(QuarantineRow)).all()
+    assert subjects == ["before", "after"]
+    assert len(held) == 1 and b"Subject: poison" in held[0].raw
+    assert held[0].stage == "spool" and "cannot store this one" in held[0].detail
+    assert len(tries) == intake_module.POISON_TRIES + 1  # its batch, then alone
+    assert count(app, SpoolRow) == 0
