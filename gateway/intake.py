@@ -348,6 +348,10 @@ class Intake:
         except Exception as exc:
             log.error("store: %d message(s) not spooled: %s", len(jobs), exc)
             results = StoreUnavailable(str(exc))
+            if not self._spooled:
+                # A commit that failed may have been made all the same (its answer
+                # lost): look, rather than leave rows no one counted until a restart.
+                self._spool_added(1, time.monotonic())
         else:
             self._spool_added(len(jobs), time.monotonic())
             results = [Disposition(Outcome.QUEUED, reason="spooled under a burst")] * len(jobs)
