@@ -140,7 +140,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
     configure_logging(settings.daemon.log_level)
     logging.getLogger("gateway.daemon").info("helpdeskd: starting")
-    asyncio.run(serve(settings))
+    # From here a SystemExit would land inside asyncio.run, between the loop's creation
+    # and serve's own handlers (a traceback, a coroutine never awaited): a stop request
+    # is only noted, and serve stops at once when its handlers are in place.
+    early: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
+    asyncio.run(serve(settings, stop_requested=lambda: bool(early)))
     return 0
 
 

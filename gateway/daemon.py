@@ -210,14 +210,18 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def serve(settings: Settings) -> None:
-    """`helpdeskd run`: run until SIGTERM or SIGINT."""
+async def serve(settings: Settings, stop_requested: Callable[[], bool] = lambda: False,
+                ) -> None:
+    """`helpdeskd run`: run until SIGTERM or SIGINT (or at once if `stop_requested()`
+    says one came before the handlers were in place)."""
     # Handlers first: building the App (imports, migrations) takes a second, and a
     # SIGTERM or SIGHUP meanwhile must not kill the process with the default action.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    if stop_requested():
+        stop.set()
     app: App | None = None
     # Reloading reads and parses files: a worker thread does it, not the event loop.
     reloads: set[asyncio.Task[object]] = set()  # held so they are not garbage-collected
