@@ -23,9 +23,10 @@ holds its deliveries back while the intake is saturated (docs/design.md,
 "Inbound first").
 
 Accept first under a burst (docs/design.md): a channel that may acknowledge a
-message before its ticket exists (SMTP) submits it as `deferrable`. While the
-writer is saturated, such messages are committed to the spool as raw bytes, one
-insert per batch, and answered `Outcome.QUEUED` at once; the writer runs the
+message before its ticket exists (SMTP) submits it as `deferrable`. When a queue
+has formed (QUEUE_FORMED or more waiting for one batch), such messages are
+committed to the spool as raw bytes, one insert per batch, and answered
+`Outcome.QUEUED` at once; the writer runs the
 pipeline on the spool, oldest first, when the arrivals would no longer saturate
 it, or when the oldest has waited `spool_seconds`, and then, while it is
 overdue, as many spooled messages as arrived with each batch of arrivals. While
@@ -76,8 +77,9 @@ POISON_TRIES = 3
 # waits a few tens of milliseconds at most, large enough to share the commit.
 SPOOL_BATCH = 8
 COST_BATCH = 8
-# Deferrable messages waiting for one batch that make it a burst whatever the load: at
-# 100 messages/second a batch of a few milliseconds almost never finds two waiting.
+# Deferrable messages waiting for one batch that make it a burst: at 100 messages a
+# second a batch of a few milliseconds almost never finds two waiting, a burst over
+# eight connections finds four or more from its first batches.
 QUEUE_FORMED = 4
 
 
@@ -276,12 +278,10 @@ class Intake:
                 self._drain()
         started = time.monotonic()
         later = [j for j in jobs if j.deferrable] if self.spool_seconds > 0 else []
-        # A burst: arrivals queue up (more than one waited for this batch) and would keep
-        # the writer saturated, or a queue has formed at once (a burst's first batches,
-        # before the load measure has seen it). One message at a time never is one,
-        # however slow.
-        if later and (self._spooled or len(later) >= QUEUE_FORMED or (
-                len(later) > 1 and self._demand.at(started) / LOAD_TAU >= SATURATED)):
+        # A burst: a queue has formed, QUEUE_FORMED or more waited for this batch. Under
+        # a steady, merely heavy load (a message or two per batch, the writer busy most
+        # of the time) spooling would only put a drain batch in front of each arrival.
+        if later and (self._spooled or len(later) >= QUEUE_FORMED):
             now_ = [j for j in jobs if not j.deferrable]
             self._spool(later)
         else:
