@@ -76,6 +76,7 @@ POISON_TRIES = 3
 # Spooled messages per pipeline batch: small enough that a message arriving meanwhile
 # waits a few tens of milliseconds at most, large enough to share the commit.
 SPOOL_BATCH = 8
+# Batches at least this large teach the writer what a spooled message will cost.
 COST_BATCH = 8
 # Deferrable messages waiting for one batch that make it a burst: at 100 messages a
 # second a batch of a few milliseconds almost never finds two waiting, a burst over
@@ -148,8 +149,8 @@ class Intake:
         self._busy = _Decayed()  # seconds the writer spent, on whatever batches
         # Seconds the arrivals asked of the pipeline: inline batches as they took, and
         # for each message spooled instead what its pipeline run will cost. While they
-        # would saturate the writer, it spools (and does not drain the spool); draining
-        # does not count here, or it would keep itself spooling.
+        # would saturate the writer, it leaves the spool alone; draining does not count
+        # here, or it would keep itself from draining.
         self._demand = _Decayed()
         # Pipeline seconds per message in a batch of at least COST_BATCH (a moving
         # average): what draining a spooled message costs. Small batches are not
@@ -181,8 +182,9 @@ class Intake:
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
-        if self._spooled:
-            log.info("intake: %d spooled message(s) wait for the next start", self._spooled)
+        if self._spooled:  # (the count may be one high: the last look was not made)
+            log.info("intake: stopped with messages in the spool; the next start "
+                     "processes them first")
 
     async def submit(self, inbound: Inbound, *, deferrable: bool = False) -> Disposition:
         """Ingest one message; with `deferrable`, under a burst it may be spooled instead

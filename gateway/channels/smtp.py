@@ -4,7 +4,9 @@ RCPT accepts only configured inbound addresses and their `+` sub-addresses
 (550 5.1.1 otherwise, so the daemon is no open relay: B24); the SIZE limit is
 advertised in EHLO and enforced with 552 (B21); DATA is answered 250 only after
 the message is committed, and 451 4.3.0 when the store failed, so the sending
-MTA keeps the message and retries (RFC 5321 section 4.2.5).
+MTA keeps the message and retries (RFC 5321 section 4.2.5). Under a burst the
+commit is of the raw message to the spool and the reply says "queued"; its
+ticket follows (`App.accept`; docs/design.md, "Accept first under a burst").
 """
 
 from __future__ import annotations
