@@ -452,13 +452,32 @@ def imap_status(settings: Settings, sessions: Any) -> list[dict[str, Any]]:
     return out
 
 
+def spool_status(sessions: Any) -> dict[str, Any]:
+    """SMTP mail answered 250 under a burst whose tickets are still to be made."""
+    from sqlalchemy import func
+
+    from gateway.store.models import SpoolRow
+
+    with sessions() as s:
+        waiting, oldest = s.execute(
+            select(func.count(), func.min(SpoolRow.received_at))).one()
+    return {"waiting": int(waiting or 0), "oldest_received_at": _iso(oldest)}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     app = _app(args)
     mailboxes = imap_status(app.settings, app.sessions)
+    spooled = spool_status(app.sessions)
     app.engine.dispose()
     if args.json:
-        _print_json({"imap": mailboxes})
+        _print_json({"imap": mailboxes, "spool": spooled})
         return 0
+    if spooled["waiting"]:
+        print(f"spool: {spooled['waiting']} message(s) accepted under a burst wait for "
+              f"their tickets (oldest received {spooled['oldest_received_at']}); the "
+              f"daemon makes them as soon as it can, or at its next start")
+    else:
+        print("spool: empty (every accepted message has its ticket)")
     if not mailboxes:
         print("no [[imap]] mailboxes configured")
     for r in mailboxes:

@@ -359,3 +359,27 @@ def test_settings_fixture_matches_config_file(settings: Settings, config: Path) 
     from gateway.config import load_settings
 
     assert load_settings(config, environ={}).group_names == settings.group_names
+
+
+def test_status_shows_what_waits_in_the_spool(config: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Mail answered 250 under a burst has no ticket yet: `status` says how much waits."""
+    import datetime as dt
+
+    from gateway.config import load_settings
+    from gateway.store import spool
+
+    app = App(load_settings(config, environ={}))  # creates the database
+    code, out, _ = run_cli(capsys, "status", "--config", str(config))
+    assert code == 0 and "spool: empty" in out
+    received = dt.datetime(2026, 11, 27, 9, 30, tzinfo=dt.UTC)
+    with app.sessions() as s, s.begin():
+        spool.put(s, [Inbound(Channel.EMAIL, make_mail(f"m{i}"), received + dt.timedelta(
+            seconds=i), "smtp", "dana@users.test", ("help@helpdesk.test",)) for i in range(2)])
+    app.engine.dispose()
+    code, out, _ = run_cli(capsys, "status", "--json", "--config", str(config))
+    assert code == 0
+    assert json.loads(out)["spool"] == {"waiting": 2,
+                                        "oldest_received_at": "2026-11-27T09:30:00+00:00"}
+    code, out, _ = run_cli(capsys, "status", "--config", str(config))
+    assert "spool: 2 message(s) accepted under a burst wait" in out
