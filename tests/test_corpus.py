@@ -119,3 +119,52 @@ def stored(app: App) -> dict[str, dict[str, list[Any]]]:
             rows[numbers[o.ticket_id]]["outbox"].append(
                 (o.kind, o.to_address, tuple(o.recipients), o.automatic, o.state, o.payload))
     return rows
+
+
+async def test_the_corpus_through_the_spool_is_decided_as_without_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Every corpus message accepted under a burst (committed to the spool, 250 given)
+    gets the fate it gets without the spool, in the same order: a ticket, a follow-up,
+    a note, a duplicate, ignored or quarantined. None is lost in the spool."""
+    from support.app import demo_config
+
+    from gateway.config import parse_settings
+    from gateway.store import spool
+    from gateway.store.models import SpoolRow
+
+    def inbound(path: Path) -> Inbound:
+        return Inbound(channel=Channel.EMAIL, raw=path.read_bytes(),
+                       received_at=dt.datetime.now(dt.UTC), source=f"corpus:{path.name}",
+                       mail_from=None, rcpt_tos=("help@helpdesk.test",))
+
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    reference_app = App(parse_settings(
+        demo_config(reference_dir, f"sqlite:///{reference_dir / 'ref.sqlite3'}"),
+        base_dir=reference_dir, environ={}))
+    reference = [reference_app.intake.ingest_now(inbound(p)).outcome for p in FILES]
+    reference_app.engine.dispose()
+
+    app = App(settings, run_outbox=False)  # nothing is delivered anywhere
+    with app.sessions() as s, s.begin():
+        spool.put(s, [inbound(p) for p in FILES])
+    decided: list[Outcome] = []
+    after_commit = app.intake.on_commit
+
+    def noted(results: list[Any]) -> None:
+        decided.extend(r.outcome for r in results)
+        if after_commit is not None:
+            after_commit(results)
+
+    app.intake.on_commit = noted
+    await app.start()
+    try:
+        await app.intake.spool_drained()
+    finally:
+        await app.stop()
+    assert decided == reference
+    with app.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(SpoolRow)) == 0
+        assert s.scalar(select(func.count()).select_from(QuarantineRow)) == Counter(
+            reference)[Outcome.QUARANTINED]
