@@ -143,6 +143,8 @@ class Intake:
         # Longest a spooled message waits for the pipeline; 0: nothing is ever spooled.
         self.spool_seconds = spool_seconds
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        # Submitted, not yet handed to the writer: per event loop, touched on its thread.
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.redone = 0  # batches the fast path gave up (a bad message, a conflict)
@@ -179,6 +181,9 @@ class Intake:
         if self._thread is None:
             return
         self._stopping = True
+        # What was submitted in this turn of the loop goes before the stop marker, or it
+        # would never be answered. (The daemon has one loop; stop() runs on it.)
+        self._hand_over(asyncio.get_running_loop())
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
@@ -195,8 +200,20 @@ class Intake:
             raise StoreUnavailable("intake is not running")
         loop = asyncio.get_running_loop()
         job = _Job(inbound, loop.create_future(), loop, deferrable)
-        self._queue.put(job)
+        # Handed to the writer once per turn of the loop, with every message that
+        # completed in the same turn: each put wakes the writer thread, which then
+        # fights the loop for the GIL while the loop still has those messages to read.
+        # 10-15% more messages a second under a burst (docs/performance.md).
+        pending = self._pending.setdefault(loop, [])
+        if not pending:
+            loop.call_soon(self._hand_over, loop)
+        pending.append(job)
         return await job.future
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On `loop`'s thread: give the writer what `submit` collected in this turn."""
+        for job in self._pending.pop(loop, []):
+            self._queue.put(job)
 
     async def spool_drained(self) -> None:
         """Return once nothing is spooled (every accepted message has been through the

@@ -476,3 +476,14 @@ async def test_one_message_the_store_cannot_take_does_not_hold_up_the_rest(
     assert held[0].stage == "spool" and "cannot store this one" in held[0].detail
     assert len(tries) == intake_module.POISON_TRIES + 1  # its batch, then alone
     assert count(app, SpoolRow) == 0
+
+
+async def test_a_message_submitted_in_the_turn_stop_begins_is_answered(app: App) -> None:
+    """Submissions reach the writer once per turn of the loop; stop() must hand over
+    what this turn collected before its stop marker, or that message is never
+    answered (its SMTP client would wait for ever)."""
+    task = asyncio.ensure_future(app.submit(mail_in(make_mail("last one"))))
+    await asyncio.sleep(0)  # the task has submitted; the hand-over is still to come
+    await app.intake.stop()
+    async with asyncio.timeout(10):
+        assert (await task).outcome == Outcome.CREATED
