@@ -301,7 +301,7 @@ async def main() -> None:
             daemon.wait()
             smarthost.terminate()
             smarthost.wait()
-    print(f"ratio: {ours['msgs_per_s'] / ceiling['msgs_per_s']:.0%} of the bare server's rate")
+    print(f"ratio: {ours['msgs_per_s'] / ceiling['msgs_per_s']:.1%} of the bare server's rate")
     print(json.dumps({"bare": ceiling, "helpdeskd": ours}, indent=1))
 
 
