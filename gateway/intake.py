@@ -541,6 +541,8 @@ def log_disposition(inbound: Inbound, result: Disposition) -> None:
     spooled message gets its line when the pipeline has run on it; being spooled is
     only worth a debug line.)"""
     level = logging.DEBUG if result.outcome == Outcome.QUEUED else logging.INFO
+    if not log.isEnabledFor(level):  # once per message: skip building the arguments
+        return
     log.log(level, "%s: message %s -> %s%s%s", inbound.source, result.message_id or "-",
              result.outcome.value, f" ticket {result.ticket}" if result.ticket else "",
              f" ({result.reason})" if result.reason else "")
