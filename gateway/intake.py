@@ -164,7 +164,8 @@ class Intake:
         self._spooled = 0
         self._spool_batches: collections.deque[list[float]] = collections.deque()
         self._retry_at = 0.0
-        self._drain_failures = 0  # drains failed in a row; while any, one row at a time
+        # Drains in a row that took messages and failed; while any, one row at a time.
+        self._drain_failures = 0
         self._spool_empty = threading.Event()
         self._spool_empty.set()
 
@@ -400,7 +401,8 @@ class Intake:
                 # the same, so it looks again rather than take its count for the table.
                 self._spooled = max(1, self._spooled - len(ids))
         except Exception as exc:
-            self._drain_failures += 1
+            if ids:  # a look that failed tried no message: it is no message's try
+                self._drain_failures += 1
             if (len(ids) == 1 and self._drain_failures >= POISON_TRIES
                     and self._set_aside(ids[0], exc)):
                 self._drain_failures = 0

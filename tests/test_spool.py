@@ -487,3 +487,37 @@ async def test_a_message_submitted_in_the_turn_stop_begins_is_answered(app: App)
     await app.intake.stop()
     async with asyncio.timeout(10):
         assert (await task).outcome == Outcome.CREATED
+
+
+def test_drains_that_failed_before_taking_a_message_do_not_count_as_its_tries(
+        app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the store is down the look for spooled messages fails: those drains tried
+    no message, so they must not count towards POISON_TRIES. Once the store is back, a
+    message whose first drain fails (the store flapped once more) is tried again, not
+    quarantined at once as if it had failed three times."""
+    intake = idle_intake(app)
+    with app.sessions() as s, s.begin():
+        spool.put(s, [mail_in(make_mail("fine"))])
+    intake._spool_added(1, -math.inf)
+    next_batch = spool.next_batch
+
+    def down(session: Any, limit: int, max_bytes: int) -> list[int]:
+        raise RuntimeError("connection refused")
+
+    monkeypatch.setattr(spool, "next_batch", down)
+    for _ in range(intake_module.POISON_TRIES):
+        intake._drain()
+    monkeypatch.setattr(spool, "next_batch", next_batch)
+    process = intake._process
+
+    def flaps_once(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(intake, "_process", process)
+        raise RuntimeError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(intake, "_process", flaps_once)
+    intake._drain()  # its first try fails
+    assert count(app, QuarantineRow) == 0
+    intake._drain()
+    assert count(app, QuarantineRow) == 0
+    assert count(app, Ticket, Ticket.subject == "fine") == 1
+    assert count(app, SpoolRow) == 0
