@@ -147,6 +147,10 @@ class Intake:
         self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Set with the stop marker, under the lock: a loop handing over later answers
+        # its jobs itself, for the writer would never take them.
+        self._stop_sent = False
+        self._hand_lock = threading.Lock()
         self.redone = 0  # batches the fast path gave up (a bad message, a conflict)
         self._busy = _Decayed()  # seconds the writer spent, on whatever batches
         # Seconds the arrivals asked of the pipeline: inline batches as they took, and
@@ -171,6 +175,7 @@ class Intake:
 
     def start(self) -> None:
         self._stopping = False
+        self._stop_sent = False
         self._spool_empty.clear()  # until the writer has looked at what is there
         self._thread = threading.Thread(target=self._run, name="intake-writer", daemon=True)
         self._thread.start()
@@ -183,9 +188,12 @@ class Intake:
             return
         self._stopping = True
         # What was submitted in this turn of the loop goes before the stop marker, or it
-        # would never be answered. (The daemon has one loop; stop() runs on it.)
+        # would never be answered. (Another loop's turn may end after the marker: its
+        # hand-over then answers StoreUnavailable.)
         self._hand_over(asyncio.get_running_loop())
-        self._queue.put(_STOP)
+        with self._hand_lock:
+            self._stop_sent = True
+            self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
         if self._spooled:  # (the count may be one high: the last look was not made)
@@ -213,8 +221,17 @@ class Intake:
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         """On `loop`'s thread: give the writer what `submit` collected in this turn."""
-        for job in self._pending.pop(loop, []):
-            self._queue.put(job)
+        jobs = self._pending.pop(loop, [])
+        with self._hand_lock:
+            if not self._stop_sent:
+                for job in jobs:
+                    self._queue.put(job)
+                return
+        # Behind the stop marker the writer would never take them: SMTP answers 451.
+        error = StoreUnavailable("intake is not running")
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
 
     async def spool_drained(self) -> None:
         """Return once nothing is spooled (every accepted message has been through the

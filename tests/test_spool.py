@@ -521,3 +521,42 @@ def test_drains_that_failed_before_taking_a_message_do_not_count_as_its_tries(
     assert count(app, QuarantineRow) == 0
     assert count(app, Ticket, Ticket.subject == "fine") == 1
     assert count(app, SpoolRow) == 0
+
+
+async def test_a_message_submitted_on_another_loop_as_stop_begins_is_answered(
+        app: App) -> None:
+    """Jobs carry their loop: the intake serves several. A message another loop (on
+    another thread) submitted in the turn stop() begins reaches the writer after the
+    stop marker (that loop hands it over at the end of its turn): it must be answered
+    all the same, not left waiting for ever."""
+    other = asyncio.new_event_loop()
+    holder: list[asyncio.Task[Any]] = []
+
+    def first_turn() -> None:
+        holder.append(other.create_task(app.intake.submit(mail_in(make_mail("elsewhere")))))
+        other.call_soon(other.stop)
+        other.run_forever()  # one turn: submitted, the hand-over still to come
+
+    def the_rest() -> None:
+        other.call_later(10, other.stop)
+        holder[0].add_done_callback(lambda _: other.stop())
+        other.run_forever()  # the hand-over, then the answer (or 10 s)
+
+    try:
+        await asyncio.to_thread(first_turn)
+        task = holder[0]
+        assert not task.done()
+        await app.intake.stop()
+        await asyncio.to_thread(the_rest)
+        assert task.done(), "never answered"
+        error = task.exception()
+        assert isinstance(error, intake_module.StoreUnavailable) or (
+            error is None and task.result().outcome == Outcome.CREATED)
+    finally:
+        def close() -> None:
+            if holder and not holder[0].done():
+                holder[0].cancel()
+                other.run_until_complete(asyncio.gather(holder[0], return_exceptions=True))
+            other.close()
+
+        await asyncio.to_thread(close)
