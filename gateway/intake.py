@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.message import Inbound
@@ -78,6 +79,10 @@ POISON_TRIES = 3
 SPOOL_BATCH = 8
 # Batches at least this large teach the writer what a spooled message will cost.
 COST_BATCH = 8
+# The store failing -- a lost connection, a lock or statement timeout, a full disk --
+# is no fault of the message in hand: its batch fails (SMTP 451; a drain tries again
+# later), and it is neither quarantined nor counted towards POISON_TRIES.
+STORE_DOWN = (OperationalError, InterfaceError)
 # Deferrable messages waiting for one batch that make it a burst: at 100 messages a
 # second a batch of a few milliseconds almost never finds two waiting, a burst over
 # eight connections finds four or more from its first batches.
@@ -418,7 +423,9 @@ class Intake:
                 # the same, so it looks again rather than take its count for the table.
                 self._spooled = max(1, self._spooled - len(ids))
         except Exception as exc:
-            if ids:  # a look that failed tried no message: it is no message's try
+            # A look that failed tried no message, and a store that is down is no
+            # message's fault: neither is a try.
+            if ids and not isinstance(exc, STORE_DOWN):
                 self._drain_failures += 1
             if (len(ids) == 1 and self._drain_failures >= POISON_TRIES
                     and self._set_aside(ids[0], exc)):
@@ -545,6 +552,8 @@ class Intake:
                 return self.pipeline.ingest(session, inbound, now)
         except StageError as exc:
             error = exc
+        except STORE_DOWN:
+            raise
         except Exception as exc:  # a bug must not lose the message
             log.exception("pipeline bug on message from %s", inbound.source)
             error = StageError("pipeline", type(exc).__name__, str(exc)[:2000])

@@ -28,6 +28,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import OperationalError
 from support.app import demo_config
 from support.mailer import make_mail, send
 from support.sink import SmtpSink
@@ -35,7 +36,7 @@ from support.sink import SmtpSink
 from gateway import intake as intake_module
 from gateway.config import Settings, parse_settings
 from gateway.daemon import App
-from gateway.intake import _STOP, LOAD_TAU, Intake, _Job
+from gateway.intake import _STOP, LOAD_TAU, Intake, StoreUnavailable, _Job
 from gateway.mail.transport import SmtpTransport
 from gateway.message import Channel, Inbound
 from gateway.outbox import SATURATED
@@ -560,3 +561,54 @@ async def test_a_message_submitted_on_another_loop_as_stop_begins_is_answered(
             other.close()
 
         await asyncio.to_thread(close)
+
+
+def store_down() -> OperationalError:
+    return OperationalError("INSERT INTO tickets ...", {}, Exception("disk I/O error"))
+
+
+async def test_a_store_failure_is_no_reason_to_quarantine_a_message(
+        app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store failing under a message (a lost connection, a timeout, a full disk)
+    fails its batch: the sender is answered 451 and retries; it is not quarantined."""
+    original = app.pipeline.ingest
+
+    def failing(session: Any, inbound: Inbound, *args: Any) -> Any:
+        if b"Subject: unlucky" in inbound.raw:
+            raise store_down()
+        return original(session, inbound, *args)
+
+    monkeypatch.setattr(app.pipeline, "ingest", failing)
+    with pytest.raises(StoreUnavailable):
+        await app.accept(mail_in(make_mail("unlucky")))
+    assert count(app, QuarantineRow) == 0
+
+
+async def test_store_failures_while_draining_are_no_message_s_tries(
+        settings: Settings, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spooled message whose drains fail because the store does, more than
+    POISON_TRIES times, gets its ticket once the store is back."""
+    monkeypatch.setattr(intake_module, "SPOOL_RETRY_S", 0.01)
+    first = App(settings)
+    with first.sessions() as s, s.begin():
+        spool.put(s, [mail_in(make_mail("patient"))])
+    first.engine.dispose()
+    app = App(settings, transport=SmtpTransport("127.0.0.1", sink.port, starttls=False,
+                                                username="", password="", timeout=5))
+    original = app.pipeline.ingest
+    failures = []
+
+    def flaky(session: Any, inbound: Inbound, *args: Any) -> Any:
+        if len(failures) < 2 * (intake_module.POISON_TRIES + 1):  # fast and safe path
+            failures.append(1)
+            raise store_down()
+        return original(session, inbound, *args)
+
+    monkeypatch.setattr(app.pipeline, "ingest", flaky)
+    await app.start()
+    try:
+        await app.intake.spool_drained()
+    finally:
+        await app.stop()
+    assert count(app, Ticket, Ticket.subject == "patient") == 1
+    assert count(app, QuarantineRow) == 0
