@@ -131,12 +131,13 @@ def configure_logging(level: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.daemon import serve
-
     # Until `serve` installs its handlers, a reload request has nothing to reload and a
-    # stop request has nothing to stop: neither may kill the process mid-start.
+    # stop request has nothing to stop: neither may kill the process mid-start (the
+    # import below alone takes a good part of a second).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    from gateway.daemon import serve
+
     settings = _load(args)
     configure_logging(settings.daemon.log_level)
     logging.getLogger("gateway.daemon").info("helpdeskd: starting")
