@@ -2,9 +2,10 @@
 
 Channels `await intake.submit(inbound)` and acknowledge to their source only
 when it returns: by then the message's ticket changes, outbox rows and
-deadlines are committed. Work runs on one dedicated thread, off the event loop.
-Under a burst it takes every waiting message into one transaction (group
-commit): one fsync acknowledges many messages.
+deadlines are committed (or, spooled under a burst, the message itself; below).
+Work runs on one dedicated thread, off the event loop. Under a burst it takes
+every waiting message into one transaction (group commit): one fsync
+acknowledges many messages.
 
 Each batch is tried twice at most:
 - the fast path parses the batch and looks up its Message-IDs and senders in one
@@ -14,7 +15,8 @@ Each batch is tried twice at most:
 - if anything in it fails (a message the pipeline refuses, a bug, a constraint at
   the flush), the batch is rolled back and redone on the safe path: a savepoint
   per message with autoflush on, where a message that fails rolls back only its
-  own savepoint and is quarantined with its stage and reason.
+  own savepoint and is quarantined with its stage and reason (unless the store
+  itself failed, STORE_DOWN: that fails the batch).
 If the safe path cannot commit either, every message of the batch gets
 `StoreUnavailable`, so SMTP answers 451 and the sender retries.
 
@@ -26,12 +28,12 @@ Accept first under a burst (docs/design.md): a channel that may acknowledge a
 message before its ticket exists (SMTP) submits it as `deferrable`. When a queue
 has formed (QUEUE_FORMED or more waiting for one batch), such messages are
 committed to the spool as raw bytes, one insert per batch, and answered
-`Outcome.QUEUED` at once; the writer runs the
-pipeline on the spool, oldest first, when the arrivals would no longer saturate
-it, or when the oldest has waited `spool_seconds`, and then, while it is
-overdue, as many spooled messages as arrived with each batch of arrivals. While
-anything is spooled, new deferrable messages join the spool behind it, so mail is
-still processed in the order it came.
+`Outcome.QUEUED` at once; the writer runs the pipeline on the spool, oldest
+first, when the arrivals would no longer saturate it, or when the oldest has
+waited `spool_seconds`, and then, while it is overdue, as many spooled messages
+as arrived with each batch of arrivals. While anything is spooled, new
+deferrable messages join the spool behind it, so mail is still processed in the
+order it came.
 """
 
 from __future__ import annotations
